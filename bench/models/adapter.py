@@ -1,0 +1,154 @@
+"""What the harness needs to know about one VLM family, and nothing more.
+
+A family is data (a :class:`RoleMap`: which module names are the vision encoder, the connector, the
+LLM's attention and MLP projections) plus a small :class:`VLMAdapter` that loads it, turns
+(prompt, image, answer) triples into training batches and generates answers. Everything else in the
+harness (LoRA injection, vision policies, training, evaluation) works from these two.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class RoleMap:
+    """Module-name patterns of one family (regexes matched in full against ``named_modules``).
+
+    ``llm_layer`` matches one decoder layer of the language model; ``attention`` and ``mlp`` map a
+    projection role (``q``, ``k``, ``v``, ``o``; ``gate``, ``up``, ``down``) to its name inside a layer.
+    ``vision`` and ``connector`` are module paths trained fully (``modules_to_save``) when a vision
+    policy asks; ``vision_linear`` matches the vision encoder's linear layers for LoRA inside it.
+    """
+
+    vision: str
+    connector: str
+    llm_layer: str
+    attention: dict[str, str]
+    mlp: dict[str, str]
+    vision_linear: str
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def llm_pattern(self, roles: tuple[str, ...]) -> str:
+        names = []
+        for role in roles:
+            if role in self.attention:
+                names.append(self.attention[role])
+            elif role in self.mlp:
+                names.append(self.mlp[role])
+            else:
+                raise KeyError(role)
+        alternatives = "|".join(re.escape(n) for n in names)
+        return rf"{self.llm_layer}\.(?:{alternatives})"
+
+
+@dataclass
+class Example:
+    """One supervised item, already in the model's terms."""
+
+    prompt_ids: list[int]
+    answer_ids: list[int]
+    pixels: np.ndarray  # uint8, H x W x 3
+
+
+class VLMAdapter(ABC):
+    """Loads one VLM family and speaks its input format."""
+
+    family: str
+    roles: RoleMap
+
+    model: torch.nn.Module
+    tokenizer: object
+
+    @abstractmethod
+    def load(self, device: torch.device) -> None:
+        """Load base weights onto ``device`` (once per process)."""
+
+    @abstractmethod
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """Token ids of a user turn holding one image and ``prompt``, up to where the answer starts."""
+
+    @abstractmethod
+    def answer_ids(self, answer: str) -> list[int]:
+        """Token ids of an answer, end-of-turn included."""
+
+    @abstractmethod
+    def image_array(self, image: Image.Image) -> np.ndarray:
+        """The image as the uint8 array the model consumes (resized as the family expects)."""
+
+    @abstractmethod
+    def pixel_values(self, arrays: list[np.ndarray], device: torch.device) -> torch.Tensor:
+        """Stack uint8 arrays into the model's normalised pixel tensor."""
+
+    @abstractmethod
+    def forward_loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        """Mean token loss of a batch from :meth:`train_batch`."""
+
+    @abstractmethod
+    def generate_ids(self, model: torch.nn.Module, batch: dict, max_new_tokens: int) -> torch.Tensor:
+        """Greedy new tokens for a batch from :meth:`prompt_batch`."""
+
+    source: Path | None = None
+
+    def display_name(self) -> str:
+        return self.family if self.source is None else f"{self.family} ({self.source})"
+
+    def fingerprint(self) -> dict:
+        """What identifies the weights: family, config and weight files (size and content hash; only
+        the first 64 MiB of a big file are hashed, so multi-GB checkpoints stay cheap)."""
+        files = {}
+        if self.source is not None:
+            for path in sorted(Path(self.source).glob("*")):
+                if path.suffix in (".json", ".safetensors", ".model") and path.is_file():
+                    with open(path, "rb") as fh:
+                        head = hashlib.sha256(fh.read(64 << 20)).hexdigest()[:16]
+                    files[path.name] = [path.stat().st_size, head]
+        return {"family": self.family, "files": files}
+
+    def example(self, prompt: str, image: Image.Image, answer: str) -> Example:
+        return Example(self.prompt_ids(prompt), self.answer_ids(answer), self.image_array(image))
+
+    def train_batch(self, examples: list[Example], device: torch.device) -> dict:
+        """Left-padded ids, mask, labels (-100 on prompt and padding) and pixels."""
+        pad = self.tokenizer.pad_token_id
+        seqs = [e.prompt_ids + e.answer_ids for e in examples]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, (e, seq) in enumerate(zip(examples, seqs)):
+            start = width - len(seq)
+            ids[row, start:] = torch.tensor(seq)
+            mask[row, start:] = 1
+            labels[row, start + len(e.prompt_ids) :] = torch.tensor(e.answer_ids)
+        return {
+            "input_ids": ids.to(device),
+            "attention_mask": mask.to(device),
+            "labels": labels.to(device),
+            "pixel_values": self.pixel_values([e.pixels for e in examples], device),
+        }
+
+    def prompt_batch(self, prompt_ids: list[list[int]], arrays: list[np.ndarray], device) -> dict:
+        pad = self.tokenizer.pad_token_id
+        width = max(len(p) for p in prompt_ids)
+        ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+        for row, seq in enumerate(prompt_ids):
+            ids[row, width - len(seq) :] = torch.tensor(seq)
+            mask[row, width - len(seq) :] = 1
+        return {
+            "input_ids": ids.to(device),
+            "attention_mask": mask.to(device),
+            "pixel_values": self.pixel_values(arrays, device),
+        }
+
+    def decode(self, new_ids: torch.Tensor) -> list[str]:
+        return [t.strip() for t in self.tokenizer.batch_decode(new_ids, skip_special_tokens=True)]
