@@ -1,0 +1,116 @@
+"""A suite's data on disk: ``train.jsonl`` / ``test.jsonl`` + ``images/``, prepared once, cached by content.
+
+Generated data is written to ``<cache>/<suite>-<hash>/`` where the hash covers the suite, its
+generator's source and the sizes and seed, so a changed generator never reuses stale files. The folder
+is built under a temporary name and renamed into place, so a killed preparation leaves nothing that
+looks complete. lm-eval reads the same folder through :func:`load_split_dataset` (paths, not decoded
+images, travel through lm-eval; the model decodes them lazily).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.errors import BenchError
+
+SPLITS = ("train", "test")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("BENCH_CACHE_DIR", Path.home() / ".cache" / "lora-vlm-bench"))
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    image: str  # absolute path
+    question: str
+    answers: list[str]
+    qtype: str
+
+
+def read_split(folder: Path, split: str) -> list[Row]:
+    path = Path(folder) / f"{split}.jsonl"
+    rows = []
+    with open(path) as fh:
+        for line in fh:
+            doc = json.loads(line)
+            image = doc["image"] if os.path.isabs(doc["image"]) else str(Path(folder) / doc["image"])
+            rows.append(Row(doc["id"], image, doc["question"], list(doc["answers"]), doc.get("qtype", "")))
+    return rows
+
+
+def load_split_dataset(data_dir: str | None = None, **_metadata):
+    """lm-eval ``custom_dataset`` hook: the prepared folder as a ``DatasetDict`` of image paths."""
+    import datasets
+
+    if not data_dir:
+        raise ValueError("this task reads prepared data: pass metadata={'data_dir': ...} to the TaskManager")
+    out = {}
+    for split in SPLITS:
+        if (Path(data_dir) / f"{split}.jsonl").is_file():
+            rows = read_split(Path(data_dir), split)
+            out[split] = datasets.Dataset.from_list([r.__dict__ for r in rows])
+    return datasets.DatasetDict(out)
+
+
+def generator_fingerprint(generate_fn) -> str:
+    """Hash of the generator's module source: editing a generator invalidates its cached data."""
+    module = inspect.getmodule(generate_fn)
+    return hashlib.sha256(inspect.getsource(module).encode()).hexdigest()[:16]
+
+
+def prepare_generated(suite: str, generate_fn, sizes: dict[str, int], seed: int, options: dict | None = None) -> Path:
+    """Generate (or reuse) a suite's splits; test and train never share a document."""
+    options = options or {}
+    spec = {"suite": suite, "sizes": sizes, "seed": seed, "options": options, "generator": generator_fingerprint(generate_fn)}
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    folder = cache_root() / f"{suite}-{digest}"
+    if (folder / "COMPLETE").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{suite}-", dir=folder.parent))
+    try:
+        (tmp / "images").mkdir()
+        seen: set[str] = set()
+        # Test first: train items whose document appears in test are skipped, never the reverse.
+        for index, split in enumerate(("test", "train")):
+            _write_split(tmp, split, generate_fn, sizes[split], seed * 1000 + index, options, seen)
+        (tmp / "COMPLETE").write_text(json.dumps(spec, indent=2) + "\n")
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process finished the same folder first
+            if not (folder / "COMPLETE").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _write_split(root: Path, split: str, generate_fn, n: int, seed: int, options: dict, seen: set[str]) -> None:
+    rows = []
+    stream = generate_fn(n * 2 + 100, seed, **options)
+    for item in stream:
+        key = item.get("key") or hashlib.sha256(item["image"].tobytes()).hexdigest()
+        if key in seen:
+            continue
+        seen.add(key)
+        ident = f"{split}-{len(rows):06d}"
+        rel = f"images/{ident}.png"
+        item["image"].save(root / rel)
+        rows.append({"id": ident, "image": rel, "question": item["question"], "answers": item["answers"],
+                     "qtype": item.get("qtype", ""), "doc": key})
+        if len(rows) == n:
+            break
+    if len(rows) < n:
+        raise BenchError(f"the {split} generator produced only {len(rows)} distinct documents of {n}; lower the size")
+    with open(root / f"{split}.jsonl", "w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")

@@ -1,0 +1,81 @@
+import json
+
+import numpy as np
+
+import pytest
+import torch
+
+from bench import suites
+from bench.errors import BenchError
+from bench.evaluate import evaluate
+from bench.metrics import METRICS
+from suites.docvqa.generate import generate as docs
+from suites.shapes.generate import generate as scenes
+
+
+def test_registry_reads_the_task_yaml():
+    docvqa = suites.get("docvqa")
+    assert docvqa.metric == "anls"
+    assert docvqa.max_new_tokens >= 4
+    assert suites.get("shapes").metric == "vqa_accuracy"
+    with pytest.raises(BenchError, match="unknown suite 'nope'"):
+        suites.get("nope")
+
+
+@pytest.mark.parametrize("generate", [docs, scenes])
+def test_generators_are_deterministic(generate):
+    a = [(it["question"], it["answers"], it["image"].tobytes()) for it in generate(20, seed=3)]
+    b = [(it["question"], it["answers"], it["image"].tobytes()) for it in generate(20, seed=3)]
+    c = [(it["question"], it["answers"], it["image"].tobytes()) for it in generate(20, seed=4)]
+    assert a == b
+    assert a != c
+
+
+def _ink(image) -> np.ndarray:
+    return (np.asarray(image.convert("L")) < 128).astype(np.uint8)
+
+
+def _contains(page: np.ndarray, patch: np.ndarray) -> bool:
+    windows = np.lib.stride_tricks.sliding_window_view(page, patch.shape)
+    return bool((windows == patch).all(axis=(-2, -1)).any())
+
+
+def test_docvqa_answer_is_printed_on_the_page():
+    """The asked key and its value are really drawn: their exact ink pattern occurs in the page."""
+    from PIL import Image
+
+    from bench.render import draw_text, text_size
+    from suites.docvqa.generate import TRACKING
+
+    for item in docs(100, seed=0):
+        fields = dict(kv.split("=") for kv in item["key"].split("|")[2].split(";"))
+        asked = item["question"].removeprefix("What is the ").removesuffix("?")
+        assert fields[asked] == item["answers"][0]
+        page = _ink(item["image"])
+        for text in (asked, item["answers"][0]):
+            mask = Image.new("L", text_size(text, tracking=TRACKING), 255)
+            draw_text(mask, (0, 0), text, 0, tracking=TRACKING)
+            assert _contains(page, _ink(mask)), (item["question"], text)
+
+
+@pytest.mark.parametrize("name", ["docvqa", "shapes"])
+def test_prepared_splits_share_no_document(name):
+    folder = suites.get(name).prepare(train_items=300, test_items=100)
+    read = lambda split: [json.loads(line) for line in (folder / f"{split}.jsonl").read_text().splitlines()]
+    train, test = read("train"), read("test")
+    assert len(train) == 300 and len(test) == 100
+    assert not {r["doc"] for r in train} & {r["doc"] for r in test}
+    assert all((folder / r["image"]).is_file() for r in train + test)
+    # a second call reuses the cached folder
+    assert suites.get(name).prepare(train_items=300, test_items=100) == folder
+
+
+def test_lm_eval_scores_match_the_metric(tiny):
+    suite = suites.get("docvqa")
+    folder = suite.prepare(train_items=300, test_items=40)
+    result = evaluate(tiny, tiny.model, suite, folder, torch.device("cpu"), batch_size=16)
+    answers = {json.loads(line)["id"]: json.loads(line)["answers"] for line in (folder / "test.jsonl").read_text().splitlines()}
+    assert len(result.items) == 40
+    for item in result.items:
+        assert item["score"] == METRICS["anls"](item["prediction"], answers[item["id"]])
+    assert result.score == pytest.approx(sum(i["score"] for i in result.items) / 40)
