@@ -1,0 +1,90 @@
+"""Command line: ``python run_bench.py --suite docvqa [--preset default] [overrides]``.
+
+Bad input ends with ``error: <problem>; <fix>`` on stderr and exit status 2, before anything is
+written. An interrupted run resumes when the same command is started again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# Before anything imports tqdm or the Hugging Face stack: the harness never downloads, and lm-eval's
+# tqdm bars would interleave with ours.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+from bench.errors import BenchError
+from bench.space import PRESETS, TARGET_SETS, VISION_POLICIES
+
+EPILOG = """examples:
+  python run_bench.py --suite docvqa                      # default preset: 5 target sets x 4 vision policies
+  python run_bench.py --suite docvqa --preset smoke       # a first look in under a minute
+  python run_bench.py --suite docvqa --targets qk,qv --ranks 4,16 --vision frozen,resampler --seeds 0,1,2
+"""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run_bench.py",
+        description="LoRA ablation benchmark for vision-language models: target sets x ranks x vision policies.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--suite", default="docvqa", help="suite name(s), comma-separated (default: docvqa)")
+    p.add_argument("--preset", default="default", help=f"one of {', '.join(PRESETS)} (default: default)")
+    p.add_argument("--model", default="tiny-minicpmv", help="built-in model name or local checkpoint folder")
+    p.add_argument("--targets", help=f"LoRA target sets: {', '.join(TARGET_SETS)}")
+    p.add_argument("--ranks", help="LoRA ranks, e.g. 4,16")
+    p.add_argument("--alpha", default="2r", help="alpha rule: 2r (alpha=2*rank, default), r, or a number")
+    p.add_argument("--vision", help=f"vision policies: {', '.join(VISION_POLICIES)}")
+    p.add_argument("--seeds", help="seeds, e.g. 0,1,2")
+    p.add_argument("--steps", type=int, help="optimizer steps per run (same for every cell)")
+    p.add_argument("--batch-size", type=int, help="training batch size")
+    p.add_argument("--lr", type=float, help="learning rate")
+    p.add_argument("--lora-dropout", type=float, help="LoRA dropout")
+    p.add_argument("--train-items", type=int, help="training items per suite (generated suites)")
+    p.add_argument("--test-items", type=int, help="test items per suite (generated suites)")
+    p.add_argument("--out", help="results folder (default: results/runs/<preset>, git-ignored)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--list", action="store_true", help="list suites, presets, target sets and vision policies, then exit")
+    return p
+
+
+def list_choices() -> None:
+    from bench import suites
+
+    print("suites:", ", ".join(suites.available()))
+    for name, preset in PRESETS.items():
+        print(f"preset {name}: {preset.about}")
+    for name, roles in TARGET_SETS.items():
+        print(f"target set {name}: {', '.join(roles)}")
+    for name, about in VISION_POLICIES.items():
+        print(f"vision policy {name}: {about}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.list:
+        list_choices()
+        return 0
+    try:
+        from bench.spec import from_args
+
+        spec = from_args(args)
+        from bench.runner import run
+
+        run(spec)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished runs are saved; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

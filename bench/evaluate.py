@@ -1,0 +1,139 @@
+"""Evaluation through lm-eval: each suite is an lm-eval task, the harness is an lm-eval ``LM``.
+
+lm-eval hands every request of a task to one ``generate_until`` call; sorting by prompt length,
+batching, decoding images lazily (requests carry image paths) and restoring the order are ours.
+Scores come from the task's ``process_results``; per-item scores are kept for paired statistics.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's own bars; ours are rich
+
+import torch  # noqa: E402
+from lm_eval.api.model import LM  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from bench.models.adapter import VLMAdapter  # noqa: E402
+from bench.suites import Suite  # noqa: E402
+
+
+class HarnessLM(LM):
+    """Batched greedy generation for any :class:`VLMAdapter` (KV cache through ``generate``)."""
+
+    MULTIMODAL = True
+
+    def __init__(self, adapter: VLMAdapter, model: torch.nn.Module, device: torch.device,
+                 batch_size: int = 64, progress=None):
+        super().__init__()
+        self.adapter, self.model, self._device = adapter, model, device
+        self.batch_size = batch_size
+        self.progress = progress  # callable(n_done, n_total) or None
+        self.generated = 0
+
+    def loglikelihood(self, requests):
+        raise NotImplementedError("suites here are generative; loglikelihood tasks are not supported")
+
+    def loglikelihood_rolling(self, requests):
+        raise NotImplementedError("suites here are generative; loglikelihood tasks are not supported")
+
+    def generate_until(self, requests) -> list[str]:
+        prompts, images, kwargs = [], [], []
+        for req in requests:
+            context, gen_kwargs, aux = req.args
+            visual = aux["visual"]
+            visual = visual[0] if isinstance(visual, list) else visual
+            prompts.append(self.adapter.prompt_ids(context))
+            images.append(visual)
+            kwargs.append(gen_kwargs)
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        outputs: list[str] = [""] * len(prompts)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start : start + self.batch_size]
+                arrays = [self.adapter.image_array(_open(images[i])) for i in idx]
+                batch = self.adapter.prompt_batch([prompts[i] for i in idx], arrays, self._device)
+                max_new = max(int(kwargs[i].get("max_gen_toks", 16)) for i in idx)
+                with torch.no_grad():
+                    texts = self.adapter.decode(self.adapter.generate_ids(self.model, batch, max_new))
+                for i, text in zip(idx, texts):
+                    outputs[i] = _cut(text, kwargs[i].get("until") or [])
+                self.generated += len(idx)
+                if self.progress:
+                    self.progress(len(idx), len(order))
+        finally:
+            self.model.train(was_training)
+        return outputs
+
+
+def _open(image) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    with Image.open(image) as im:
+        return im.convert("RGB")
+
+
+def _cut(text: str, until: list[str]) -> str:
+    for stop in until:
+        if stop and stop in text:
+            text = text.split(stop, 1)[0]
+    return text.strip()
+
+
+@dataclass
+class EvalResult:
+    score: float
+    items: list[dict]  # id, prediction, score (one per test item, in dataset order)
+    seconds: float
+
+    @property
+    def items_per_s(self) -> float:
+        return len(self.items) / self.seconds if self.seconds > 0 else 0.0
+
+
+_TASKS: dict[tuple[str, str], dict] = {}
+
+
+def load_task(suite: Suite, data_dir) -> dict:
+    """The suite's lm-eval task over a prepared data folder, built once per process and reused."""
+    key = (suite.name, str(data_dir))
+    if key not in _TASKS:
+        from lm_eval.tasks import TaskManager
+
+        for name in ("lm-eval", "lm_eval", "datasets"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        manager = TaskManager(include_path=str(suite.folder), include_defaults=False,
+                              metadata={"data_dir": str(data_dir)})
+        _TASKS[key] = manager.load([suite.name])
+    return _TASKS[key]
+
+
+def evaluate(adapter: VLMAdapter, model, suite: Suite, data_dir, device, limit: int | None = None,
+             batch_size: int = 64, progress=None) -> EvalResult:
+    """Run the suite's lm-eval task on ``model`` and return the mean score and per-item scores.
+
+    Uses ``lm_eval.evaluator.evaluate`` rather than ``simple_evaluate``: the latter collects the whole
+    environment (``torch.utils.collect_env``, git) on every call, seconds per run for nothing we keep.
+    """
+    from lm_eval.evaluator import evaluate as lm_evaluate
+
+    task_dict = load_task(suite, data_dir)
+    lm = HarnessLM(adapter, model, device, batch_size=batch_size, progress=progress)
+    start = time.perf_counter()
+    out = lm_evaluate(lm, task_dict, limit=limit, log_samples=True, bootstrap_iters=0, cache_requests=False)
+    seconds = time.perf_counter() - start
+    metric = suite.metric
+    score = float(out["results"][suite.name][f"{metric},none"])
+    items = [
+        {"id": s["doc"]["id"], "prediction": s["filtered_resps"][0], "score": float(s[metric])}
+        for s in sorted(out["samples"][suite.name], key=lambda s: s["doc_id"])
+    ]
+    return EvalResult(score=score, items=items, seconds=seconds)

@@ -1,0 +1,83 @@
+"""Peak memory and wall time of a block of work, the same way on every device.
+
+CUDA: the caching allocator's ``max_memory_allocated`` / ``max_memory_reserved`` (exact, reset at
+entry). CPU: the process's resident set size sampled every few milliseconds by a thread (RSS counts
+the whole process: weights, data and Python; ``delta`` is the growth over the value at entry).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psutil
+import torch
+
+MIB = 1024 * 1024
+
+
+class PeakMemory:
+    def __init__(self, device: torch.device, interval_s: float = 0.005):
+        self.device = torch.device(device)
+        self.interval_s = interval_s
+        self.peak_mib = self.reserved_mib = self.delta_mib = 0.0
+        self.kind = "cuda_max_allocated" if self.device.type == "cuda" else "cpu_peak_rss"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+        else:
+            self._proc = psutil.Process()
+            self._start = self._peak = self._proc.memory_info().rss
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._peak = max(self._peak, self._proc.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+            self.reserved_mib = torch.cuda.max_memory_reserved(self.device) / MIB
+        else:
+            self._stop.set()
+            self._thread.join()
+            peak = max(self._peak, self._proc.memory_info().rss)
+            self.reserved_mib = peak / MIB
+        self.peak_mib = peak / MIB
+        self.delta_mib = (peak - self._start) / MIB
+
+
+class Stopwatch:
+    """Wall time that waits for queued GPU work before reading the clock."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.seconds = 0.0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __enter__(self) -> "Stopwatch":
+        self._sync()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._sync()
+        self.seconds = time.perf_counter() - self._t0
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters; peft's modules_to_save copies count once each, as they train."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,201 @@
+"""Tables from records: ``results.csv`` (one row per run), ``results.md`` (cells, effects, best), terminal.
+
+Pure functions of the records, so the same records always give the same files.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+import sys
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+from scipy import stats
+
+from bench.machine import one_line
+from bench.store import atomic_write_text
+
+FACTORS = {"target_set": "target set", "rank": "rank", "vision_policy": "vision policy"}
+CELL_COLUMNS = ["target_set", "rank", "alpha", "vision_policy"]
+
+
+def frame(records: list[dict]) -> pd.DataFrame:
+    rows = []
+    for r in records:
+        cell = r.get("cell") or {}
+        losses = r.get("losses") or []
+        rows.append({
+            "suite": r["suite"],
+            "model": r["model"],
+            "kind": r["kind"],
+            "target_set": cell.get("targets", "base"),
+            "rank": cell.get("rank", 0),
+            "alpha": cell.get("alpha", 0.0),
+            "vision_policy": cell.get("vision", "base"),
+            "seed": r.get("seed") if r.get("seed") is not None else -1,
+            "metric": r["metric"],
+            "score": r.get("score"),
+            "trainable_params": r.get("trainable_params"),
+            "total_params": r.get("total_params"),
+            "peak_mem_mib": r.get("peak_mem_mib"),
+            "peak_reserved_mib": r.get("peak_reserved_mib"),
+            "memory_kind": r.get("memory_kind"),
+            "train_samples_per_s": r.get("train_samples_per_s"),
+            "train_tokens_per_s": r.get("train_tokens_per_s"),
+            "eval_items_per_s": r.get("eval_items_per_s"),
+            "train_s": r.get("train_s"),
+            "eval_s": r.get("eval_s"),
+            "final_loss": float(np.mean(losses[-10:])) if losses else None,
+            "status": r["status"],
+            "key": r["key"],
+        })
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    return df.sort_values(["suite", "kind", "target_set", "rank", "alpha", "vision_policy", "seed"], kind="stable").reset_index(drop=True)
+
+
+def interval(scores: pd.Series) -> tuple[float, float, float]:
+    """Mean and 95% t-interval over seeds (NaN bounds with one seed)."""
+    values = scores.dropna().to_numpy(dtype=float)
+    mean = float(values.mean()) if len(values) else math.nan
+    if len(values) < 2:
+        return mean, math.nan, math.nan
+    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def cell_table(df: pd.DataFrame) -> pd.DataFrame:
+    ok = df[(df.kind == "cell") & (df.status == "ok")]
+    rows = []
+    for keys, group in ok.groupby(["suite", *CELL_COLUMNS], sort=False):
+        mean, lo, hi = interval(group.score)
+        rows.append({
+            **dict(zip(["suite", *CELL_COLUMNS], keys)),
+            "seeds": len(group),
+            "score": mean,
+            "ci_low": lo,
+            "ci_high": hi,
+            "trainable_params": int(group.trainable_params.iloc[0]),
+            "peak_mem_mib": group.peak_mem_mib.mean(),
+            "train_samples_per_s": group.train_samples_per_s.mean(),
+            "eval_items_per_s": group.eval_items_per_s.mean(),
+        })
+    table = pd.DataFrame(rows)
+    if not table.empty:
+        table = table.sort_values(["suite", "score"], ascending=[True, False], kind="stable").reset_index(drop=True)
+    return table
+
+
+def main_effects(df: pd.DataFrame, suite: str, factor: str) -> pd.DataFrame:
+    ok = df[(df.kind == "cell") & (df.status == "ok") & (df.suite == suite)]
+    overall = ok.score.mean()
+    table = ok.groupby(factor).score.agg(["mean", "count", "min", "max"]).reset_index()
+    table["vs_overall"] = table["mean"] - overall
+    return table.sort_values("mean", ascending=False).reset_index(drop=True)
+
+
+def _fmt_ci(row) -> str:
+    if math.isnan(row.ci_low):
+        return "n/a (1 seed)"
+    return f"[{row.ci_low:.3f}, {row.ci_high:.3f}]"
+
+
+def _cell_name(row) -> str:
+    return f"{row.target_set}-r{row.rank}-a{row.alpha:g}-{row.vision_policy}"
+
+
+def markdown(df: pd.DataFrame, records: list[dict], command: str, settings: dict) -> str:
+    cells = cell_table(df)
+    first = records[0] if records else {}
+    lines = ["# LoRA ablation results", ""]
+    lines += [f"Command: `{command}`", ""]
+    if first:
+        lines += [f"Machine: {one_line(first['machine'])}; precision: {first.get('mixed_precision', 'no')}", ""]
+        lines += ["Versions: " + ", ".join(f"{k} {v}" for k, v in first["versions"].items()), ""]
+    if settings:
+        lines += ["Per run: " + ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None), ""]
+    n_ok = int(((df.kind == "cell") & (df.status == "ok")).sum()) if not df.empty else 0
+    bad = df[(df.kind == "cell") & (df.status != "ok")] if not df.empty else df
+    lines += [f"Runs: {n_ok} ok" + (f", {len(bad)} not ok (listed at the end)" if len(bad) else ""), ""]
+    for suite in sorted(df.suite.unique()) if not df.empty else []:
+        metric = df[df.suite == suite].metric.iloc[0]
+        base = df[(df.suite == suite) & (df.kind == "base")]
+        suite_cells = cells[cells.suite == suite] if not cells.empty else cells
+        lines += [f"## {suite} ({metric})", ""]
+        if not suite_cells.empty:
+            best = suite_cells.iloc[0]
+            lines += [
+                f"**Best cell:** `{_cell_name(best)}` with {metric} {best.score:.3f} {_fmt_ci(best)}"
+                f" over {best.seeds} seed(s); peak memory {best.peak_mem_mib:.0f} MiB, {best.train_samples_per_s:.0f} train samples/s.",
+                "",
+            ]
+        if not base.empty:
+            lines += [f"**Base model (no tuning):** {metric} {base.score.iloc[0]:.3f}", ""]
+        if not suite_cells.empty:
+            shown = suite_cells.assign(
+                cell=suite_cells.apply(_cell_name, axis=1),
+                **{"95% CI": suite_cells.apply(_fmt_ci, axis=1)},
+            )[["target_set", "rank", "alpha", "vision_policy", "seeds", "score", "95% CI", "trainable_params",
+               "peak_mem_mib", "train_samples_per_s", "eval_items_per_s"]]
+            if not base.empty:
+                b = base.iloc[0]
+                base_row = pd.DataFrame([{
+                    "target_set": "(base model)", "rank": "-", "alpha": "-", "vision_policy": "-", "seeds": "-",
+                    "score": b.score, "95% CI": "", "trainable_params": 0, "peak_mem_mib": np.nan,
+                    "train_samples_per_s": np.nan, "eval_items_per_s": b.eval_items_per_s,
+                }])
+                shown = pd.concat([shown, base_row], ignore_index=True)
+            shown = shown.rename(columns={"score": metric})
+            lines += ["### Cells (mean and 95% interval over seeds; sorted by score)", ""]
+            lines += [shown.to_markdown(index=False, floatfmt=".3f"), ""]
+            lines += ["### Main effects (mean score per level, over all other factors)", ""]
+            for factor, title in FACTORS.items():
+                effects = main_effects(df, suite, factor)
+                if len(effects) < 2:
+                    continue
+                effects = effects.rename(columns={"mean": f"mean {metric}", "count": "runs", "vs_overall": "vs overall"})
+                lines += [f"**{title}**", "", effects.to_markdown(index=False, floatfmt=".3f"), ""]
+    if len(bad):
+        lines += ["## Runs that did not finish", ""]
+        lines += [bad[["suite", "target_set", "rank", "vision_policy", "seed", "status"]].to_markdown(index=False), ""]
+        for r in records:
+            if r.get("kind") == "cell" and r.get("status") != "ok":
+                lines.append(f"- `{r['key']}`: {r.get('error')}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def terminal_table(df: pd.DataFrame, console: Console) -> None:
+    cells = cell_table(df)
+    for suite in sorted(df.suite.unique()):
+        metric = df[df.suite == suite].metric.iloc[0]
+        table = Table(title=f"{suite}: {metric} per cell, best first")
+        for col in ("targets", "r", "vision", "seeds", metric, "95% CI", "trainable", "MiB", "train/s"):
+            table.add_column(col, justify="left" if col in ("targets", "vision") else "right", no_wrap=True)
+        base = df[(df.suite == suite) & (df.kind == "base")]
+        suite_cells = cells[cells.suite == suite] if not cells.empty else cells
+        for i, row in enumerate(suite_cells.itertuples()):
+            ci = "" if math.isnan(row.ci_low) else f"{row.ci_low:.3f}-{row.ci_high:.3f}"
+            table.add_row(row.target_set, str(row.rank), row.vision_policy, str(row.seeds), f"{row.score:.3f}", ci,
+                          f"{row.trainable_params:,}", f"{row.peak_mem_mib:.0f}", f"{row.train_samples_per_s:.0f}",
+                          style="bold green" if i == 0 else None)
+        if not base.empty:
+            table.add_row("(base)", "", "", "", f"{base.score.iloc[0]:.3f}", "", "0", "", "", style="dim")
+        console.print(table)
+
+
+def write_all(records: list[dict], spec, console: Console) -> None:
+    df = frame(records)
+    out = spec.out
+    command = "python run_bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""
+    settings = {"steps": spec.train.steps, "batch_size": spec.train.batch_size, "lr": spec.train.lr,
+                "lora_dropout": spec.train.lora_dropout, "alpha_rule": spec.alpha_rule}
+    atomic_write_text(out / "results.csv", df.to_csv(index=False, float_format="%.6g"))
+    atomic_write_text(out / "results.md", markdown(df, records, command, settings) + "\n")
+    if not df.empty:
+        terminal_table(df, console)
+    console.print(f"wrote {out / 'results.md'} and {out / 'results.csv'}")

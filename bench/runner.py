@@ -1,0 +1,257 @@
+"""Run a matrix: per suite, prepare data, score the base model, then train and evaluate each pending run.
+
+Data flows one way: spec -> cells -> (base model loaded once) -> train -> evaluate -> record -> report.
+Finished runs are found by their record and skipped, so a rerun (or a run after ``kill -9``) resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from PIL import Image
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from bench import machine, report
+from bench import suites as suite_registry
+from bench.errors import BenchError
+from bench.evaluate import evaluate
+from bench.models import get_adapter
+from bench.space import Cell
+from bench.spec import Spec
+from bench.store import Store, digest
+from bench.suite_data import read_split
+from bench.train import Diverged, attach, detach, resolve, train
+
+
+def quiet_libraries() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    for name in ("lm-eval", "lm_eval", "datasets", "peft", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def check_out_folder(out: Path) -> None:
+    """Refuse an unwritable --out before anything runs, without creating it yet."""
+    probe = Path(out).resolve()
+    if probe.exists() and not probe.is_dir():
+        raise BenchError(f"output folder {out} exists and is a file; pass --out with a folder path")
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise BenchError(f"output folder {out} is not writable ({probe} denies writing); pass --out with a folder you can write to")
+
+
+@dataclass
+class SuiteRun:
+    suite: suite_registry.Suite
+    data_dir: Path
+    identity: dict
+
+    def base_key(self) -> str:
+        return f"base-{digest(self.identity)}"
+
+    def key(self, spec: Spec, cell: Cell, seed: int) -> str:
+        payload = {**self.identity, "train": spec.train.to_dict(), "cell": cell.to_dict(), "seed": seed}
+        return f"{cell.name}-s{seed}-{digest(payload)}"
+
+
+def progress_bar(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description}", justify="left"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+    )
+
+
+def encode_split(adapter, suite, data_dir: Path, split: str):
+    examples = []
+    for row in read_split(data_dir, split):
+        with Image.open(row.image) as im:
+            image = im.convert("RGB")
+        examples.append(adapter.example(suite.prompt(row.question), image, row.answers[0]))
+    return examples
+
+
+def run(spec: Spec, console: Console | None = None) -> Path:
+    console = console or Console()
+    quiet_libraries()
+    check_out_folder(spec.out)
+    if spec.device.type == "cpu":
+        torch.set_flush_denormal(True)  # denormals stalled CPU steps for seconds in measurements
+
+    adapter = get_adapter(spec.model)
+    adapter.load(spec.device)
+    base_model = adapter.model
+    resolutions = {cell: resolve(base_model, adapter.roles, cell) for cell in spec.cells}
+    _print_plan(console, spec, adapter, resolutions)
+
+    from accelerate import Accelerator
+
+    mixed = "bf16" if spec.device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+    accelerator = Accelerator(cpu=spec.device.type == "cpu", mixed_precision=mixed)
+    store = Store(spec.out)
+    store.clean_temporaries()
+    context = {"machine": machine.describe(accelerator.device), "versions": machine.versions(), "mixed_precision": mixed}
+
+    with progress_bar(console) as progress:
+        suite_runs = []
+        prep = progress.add_task("prepare data", total=len(spec.suites), info="")
+        for name in spec.suites:
+            suite = suite_registry.get(name)
+            progress.update(prep, info=name)
+            data_dir = suite.prepare(spec.train.train_items, spec.train.test_items)
+            identity = {"suite": suite.name, "data": data_dir.name, "model": adapter.fingerprint(),
+                        "device": accelerator.device.type, "precision": mixed}
+            suite_runs.append(SuiteRun(suite, data_dir, identity))
+            progress.advance(prep)
+        progress.remove_task(prep)
+
+        pending = [
+            (sr, cell, seed)
+            for sr in suite_runs
+            for cell in spec.cells
+            for seed in spec.seeds
+            if not store.is_done(sr.suite.name, sr.key(spec, cell, seed))
+        ]
+        pending_base = [sr for sr in suite_runs if not store.is_done(sr.suite.name, sr.base_key())]
+        skipped = spec.n_runs - len(pending)
+        if skipped:
+            progress.console.print(f"[dim]{skipped} of {spec.n_runs} runs already recorded in {spec.out}; skipping them[/dim]")
+
+        overall = progress.add_task("runs", total=len(pending) + len(pending_base), info="")
+        for sr in suite_runs:
+            todo = [(cell, seed) for (s, cell, seed) in pending if s is sr]
+            if sr not in pending_base and not todo:
+                continue
+            examples = None
+            if todo:
+                progress.update(overall, info=f"{sr.suite.name}: reading training data")
+                examples = encode_split(adapter, sr.suite, sr.data_dir, "train")
+            if sr in pending_base:
+                progress.update(overall, info=f"{sr.suite.name}: base model")
+                store.put(_evaluate_base(spec, adapter, sr, accelerator, progress, context))
+                progress.advance(overall)
+            for cell, seed in todo:
+                progress.update(overall, info=f"{sr.suite.name}: {cell.name} seed {seed}")
+                record = _one_run(spec, adapter, sr, cell, seed, resolutions[cell], examples, accelerator, progress, context)
+                store.put(record)
+                if record["status"] != "ok":
+                    progress.console.print(f"[yellow]{cell.name} seed {seed}: {record['status']}: {record['error']}[/yellow]")
+                progress.advance(overall)
+
+    keys = {sr.suite.name: {sr.base_key()} | {sr.key(spec, c, s) for c in spec.cells for s in spec.seeds} for sr in suite_runs}
+    records = [r for r in store.all() if r.get("key") in keys.get(r.get("suite"), set())]
+    report.write_all(records, spec, console)
+    return spec.out
+
+
+def _print_plan(console, spec: Spec, adapter, resolutions) -> None:
+    console.print(
+        f"[bold]{spec.n_runs} runs[/bold] = {len(spec.suites)} suite(s) x {len(spec.cells)} cells x {len(spec.seeds)} seed(s); "
+        f"model {adapter.display_name()}; {spec.train.steps} steps x batch {spec.train.batch_size} per run; device {spec.device}"
+    )
+    seen = set()
+    for cell, res in resolutions.items():
+        key = (cell.targets, cell.vision)
+        if key not in seen:
+            seen.add(key)
+            console.print(f"[dim]  {cell.targets:>4} / {cell.vision:<13} {res.summary()}[/dim]")
+
+
+def _base_record(spec: Spec, sr: SuiteRun, context: dict, key: str, kind: str) -> dict:
+    return {
+        "key": key,
+        "kind": kind,
+        "suite": sr.suite.name,
+        "metric": sr.suite.metric,
+        "model": spec.model,
+        "data": str(sr.data_dir.name),
+        **context,
+    }
+
+
+def _evaluate_base(spec, adapter, sr: SuiteRun, accelerator, progress, context) -> dict:
+    record = _base_record(spec, sr, context, sr.base_key(), "base")
+    result = _evaluate(spec, adapter, adapter.model, sr, accelerator, progress, "base model")
+    total = sum(p.numel() for p in adapter.model.parameters())
+    record.update(
+        status="ok", error=None, cell=None, seed=None, score=result.score, trainable_params=0, total_params=total,
+        eval_items_per_s=result.items_per_s, eval_s=result.seconds, items=result.items, finished_at=_now(),
+    )
+    return record
+
+
+def _evaluate(spec, adapter, model, sr: SuiteRun, accelerator, progress, label: str):
+    task = progress.add_task(f"  eval {label}", total=None, info="")
+
+    def advance(n: int, total: int) -> None:
+        progress.update(task, total=total, advance=n)
+
+    try:
+        return evaluate(adapter, model, sr.suite, sr.data_dir, accelerator.device,
+                        batch_size=spec.eval_batch_size, progress=advance)
+    finally:
+        progress.remove_task(task)
+
+
+def _one_run(spec: Spec, adapter, sr: SuiteRun, cell: Cell, seed: int, resolution, examples, accelerator, progress, context) -> dict:
+    from accelerate.utils import set_seed
+
+    record = _base_record(spec, sr, context, sr.key(spec, cell, seed), "cell")
+    record.update(cell=cell.to_dict(), seed=seed, train=spec.train.to_dict(),
+                  resolution={"lora_modules": len(resolution.lora), "lora_examples": resolution.lora[:4], "full": resolution.full})
+    total = sum(p.numel() for p in adapter.model.parameters())
+    set_seed(seed)
+    wall = time.perf_counter()
+    peft_model = attach(adapter.model, resolution, cell, spec.train.lora_dropout, seed)
+    steps_task = progress.add_task(f"  train {cell.name} s{seed}", total=spec.train.steps, info="")
+    try:
+        result = train(adapter, peft_model, examples, spec.train, seed, accelerator,
+                       on_step=lambda step, loss: progress.update(steps_task, completed=step, info=f"loss {loss:.3f}"))
+        progress.remove_task(steps_task)
+        evaluation = _evaluate(spec, adapter, peft_model, sr, accelerator, progress, cell.name)
+        record.update(
+            status="ok", error=None, score=evaluation.score, trainable_params=result.trainable_params, total_params=total,
+            peak_mem_mib=result.peak_mem_mib, peak_reserved_mib=result.peak_reserved_mib,
+            peak_delta_mib=result.peak_delta_mib, memory_kind=result.memory_kind,
+            train_samples_per_s=result.samples_per_s, train_tokens_per_s=result.tokens_per_s, train_s=result.train_s,
+            eval_items_per_s=evaluation.items_per_s, eval_s=evaluation.seconds, losses=result.losses,
+            items=evaluation.items,
+        )
+    except Diverged as exc:
+        record.update(status="diverged", error=str(exc), score=None)
+    except torch.cuda.OutOfMemoryError as exc:
+        record.update(status="oom", error=str(exc).splitlines()[0], score=None)
+    except Exception as exc:  # recorded, and the matrix goes on
+        record.update(status="failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0], score=None,
+                      traceback=traceback.format_exc())
+    finally:
+        with contextlib.suppress(Exception):
+            progress.remove_task(steps_task)
+        adapter.model = detach(peft_model)
+        if accelerator.device.type == "cuda":
+            torch.cuda.empty_cache()
+    record["wall_s"] = time.perf_counter() - wall
+    record["finished_at"] = _now()
+    return record
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

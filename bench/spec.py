@@ -1,0 +1,114 @@
+"""A validated description of one benchmark invocation: preset defaults overridden by the command line.
+
+Everything is checked here, before any model loads or any file is written, so bad input ends with a
+one-line message and an untouched results folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bench import suites as suite_registry
+from bench.errors import BenchError
+from bench.space import PRESETS, Cell, TrainSettings, build_cells
+
+DEFAULT_OUT = Path("results") / "runs"
+
+
+@dataclass(frozen=True)
+class Spec:
+    suites: tuple[str, ...]
+    model: str
+    preset: str
+    cells: tuple[Cell, ...]
+    seeds: tuple[int, ...]
+    train: TrainSettings
+    out: Path
+    device: torch.device
+    alpha_rule: str
+    eval_batch_size: int = 64
+
+    @property
+    def n_runs(self) -> int:
+        return len(self.suites) * len(self.cells) * len(self.seeds)
+
+
+def _split(value: str | None, cast=str, what: str = "") -> list | None:
+    if value is None:
+        return None
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    if not parts:
+        raise BenchError(f"--{what} is empty; give at least one value, e.g. --{what} {_EXAMPLES[what]}")
+    try:
+        return [cast(p) for p in parts]
+    except ValueError:
+        raise BenchError(f"--{what} {value!r} has a value that is not a {cast.__name__}; e.g. --{what} {_EXAMPLES[what]}") from None
+
+
+_EXAMPLES = {"suite": "docvqa", "targets": "qk,qv", "ranks": "4,16", "vision": "frozen,resampler", "seeds": "0,1,2"}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise BenchError(f"--device {name!r} is not a device; use auto, cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda was asked for but no CUDA GPU is available; use --device cpu (or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise BenchError(f"--device {name} does not exist: {torch.cuda.device_count()} GPU(s) visible")
+    if device.type not in ("cpu", "cuda"):
+        raise BenchError(f"--device {name!r} is not supported; use auto, cpu or cuda[:N]")
+    return device
+
+
+def from_args(args) -> Spec:
+    if args.preset not in PRESETS:
+        raise BenchError(f"unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}")
+    preset = PRESETS[args.preset]
+    suite_names = _split(args.suite, str, "suite")
+    for name in suite_names:
+        suite_registry.get(name)  # raises with the list of known suites
+    targets = _split(args.targets, str, "targets") or list(preset.targets)
+    ranks = _split(args.ranks, int, "ranks") or list(preset.ranks)
+    vision = _split(args.vision, str, "vision") or list(preset.vision)
+    seeds = _split(args.seeds, int, "seeds") or list(preset.seeds)
+    cells = build_cells(targets, ranks, vision, args.alpha)
+    train = preset.train
+    overrides = {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "lora_dropout": args.lora_dropout,
+        "train_items": args.train_items,
+        "test_items": args.test_items,
+    }
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key in ("steps", "batch_size", "train_items", "test_items") and value <= 0:
+            raise BenchError(f"--{key.replace('_', '-')} must be positive (got {value})")
+        if key == "lr" and not value > 0:
+            raise BenchError(f"--lr must be positive (got {value})")
+        if key == "lora_dropout" and not 0 <= value < 1:
+            raise BenchError(f"--lora-dropout must be in [0, 1) (got {value})")
+        train = dataclasses.replace(train, **{key: value})
+    if train.warmup_steps > train.steps:
+        train = dataclasses.replace(train, warmup_steps=max(1, train.steps // 10))
+    return Spec(
+        suites=tuple(dict.fromkeys(suite_names)),
+        model=args.model,
+        preset=args.preset,
+        cells=tuple(cells),
+        seeds=tuple(dict.fromkeys(seeds)),
+        train=train,
+        out=Path(args.out) if args.out else DEFAULT_OUT / args.preset,
+        device=resolve_device(args.device),
+        alpha_rule=args.alpha,
+    )

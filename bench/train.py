@@ -1,0 +1,172 @@
+"""Train one run: inject the cell's LoRA into the shared base model, train, hand the base back intact.
+
+The base model is loaded once per process. Each run wraps it with peft (LoRA on the target set's
+modules; the vision policy's fully trained modules as ``modules_to_save``, which peft trains as
+copies) and afterwards deletes the adapter before unloading. ``unload()`` alone would leave the
+*trained* ``modules_to_save`` copies in the base model and leak them into the next run.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from bench.errors import BenchError
+from bench.measure import PeakMemory, Stopwatch, count_parameters
+from bench.models.adapter import Example, RoleMap
+from bench.space import TARGET_SETS, Cell, TrainSettings
+
+ADAPTER = "default"
+
+
+class Diverged(RuntimeError):
+    """The loss became NaN or infinite; the run stops and is recorded as ``diverged``."""
+
+
+@dataclass
+class Resolution:
+    """The modules a cell touches in one model, resolved before any training."""
+
+    lora: list[str]
+    full: list[str]
+    target_regex: str
+
+    def summary(self) -> str:
+        kinds = sorted({re.sub(r"^.*?\.\d+\.", "", n) for n in self.lora})
+        full = ", ".join(self.full) if self.full else "-"
+        return f"LoRA on {len(self.lora)} modules ({', '.join(kinds)}); fully trained: {full}"
+
+
+def resolve(model: torch.nn.Module, roles: RoleMap, cell: Cell) -> Resolution:
+    """Which modules get LoRA and which train fully; an empty match is an error, not a no-op."""
+    regex = roles.llm_pattern(TARGET_SETS[cell.targets])
+    if cell.vision == "vpm-lora":
+        regex = f"(?:{regex})|(?:{roles.vision_linear})"
+    names = [n for n, m in model.named_modules() if re.fullmatch(regex, n) and isinstance(m, torch.nn.Linear)]
+    llm_names = [n for n in names if not re.fullmatch(roles.vision_linear, n)]
+    if not llm_names:
+        raise BenchError(
+            f"target set {cell.targets!r} matches no module of this model (pattern {regex}); "
+            f"check the model family's role map or choose another --targets"
+        )
+    if cell.vision == "vpm-lora" and len(names) == len(llm_names):
+        raise BenchError(f"vision policy 'vpm-lora' matches no linear layer in the vision encoder ({roles.vision_linear})")
+    full = []
+    if cell.vision in ("resampler", "resampler+vpm", "vpm-lora"):
+        full.append(roles.connector)
+    if cell.vision == "resampler+vpm":
+        full.append(roles.vision)
+    modules = dict(model.named_modules())
+    for name in full:
+        if name not in modules:
+            raise BenchError(f"vision policy {cell.vision!r} needs module {name!r}, which this model lacks")
+    return Resolution(lora=names, full=full, target_regex=regex)
+
+
+def attach(model: torch.nn.Module, resolution: Resolution, cell: Cell, dropout: float, seed: int):
+    torch.manual_seed(seed)  # LoRA A matrices are drawn here
+    config = LoraConfig(
+        r=cell.rank,
+        lora_alpha=cell.alpha,
+        lora_dropout=dropout,
+        target_modules=resolution.target_regex,
+        modules_to_save=resolution.full or None,
+    )
+    return get_peft_model(model, config, adapter_name=ADAPTER)
+
+
+def detach(peft_model) -> torch.nn.Module:
+    """The untouched base model back (LoRA layers removed, original modules in place)."""
+    peft_model.delete_adapter(ADAPTER)
+    return peft_model.unload()
+
+
+@dataclass
+class TrainResult:
+    losses: list[float]
+    train_s: float
+    samples: int
+    tokens: int
+    trainable_params: int
+    total_params: int
+    peak_mem_mib: float
+    peak_reserved_mib: float
+    peak_delta_mib: float
+    memory_kind: str
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.train_s if self.train_s else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.train_s if self.train_s else 0.0
+
+
+def batch_order(n_examples: int, steps: int, batch_size: int, seed: int) -> list[list[int]]:
+    """Epoch-wise shuffled indices, fixed by ``seed`` alone (same for every cell with that seed)."""
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    while len(order) < steps * batch_size:
+        order += torch.randperm(n_examples, generator=gen).tolist()
+    return [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
+
+
+def train(adapter, peft_model, examples: list[Example], settings: TrainSettings, seed: int,
+          accelerator, on_step=None) -> TrainResult:
+    """A plain loop: AdamW, linear warmup then cosine decay, grad clipping, NaN check each step."""
+    device = accelerator.device
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    trainable, total = count_parameters(peft_model)
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    warmup, steps = max(1, settings.warmup_steps), settings.steps
+
+    def lr_lambda(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    model, optimizer = accelerator.prepare(peft_model, optimizer)
+    batches = batch_order(len(examples), steps, settings.batch_size, seed)
+    losses, tokens = [], 0
+    model.train()
+    try:
+        with PeakMemory(device) as mem, Stopwatch(device) as clock:
+            for step, idx in enumerate(batches):
+                batch = adapter.train_batch([examples[i] for i in idx], device)
+                tokens += int(batch["attention_mask"].sum())
+                with accelerator.autocast():
+                    loss = adapter.forward_loss(model, batch)
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise Diverged(f"loss is {value} at step {step + 1}")
+                accelerator.backward(loss)
+                if settings.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, settings.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(value)
+                if on_step:
+                    on_step(step + 1, value)
+    finally:
+        accelerator.free_memory()
+    model.eval()
+    return TrainResult(
+        losses=losses,
+        train_s=clock.seconds,
+        samples=steps * settings.batch_size,
+        tokens=tokens,
+        trainable_params=trainable,
+        total_params=total,
+        peak_mem_mib=mem.peak_mib,
+        peak_reserved_mib=mem.reserved_mib,
+        peak_delta_mib=mem.delta_mib,
+        memory_kind=mem.kind,
+    )

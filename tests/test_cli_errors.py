@@ -1,0 +1,99 @@
+"""Bad input: one line naming the problem and the fix, exit status 2, no traceback, no results folder."""
+
+import os
+import shutil
+
+import pytest
+
+from bench.models.tiny_minicpmv import ASSET_DIR
+from conftest import run_cli
+
+CASES = {
+    "unknown suite": (["--suite", "mathvista"], "unknown suite 'mathvista'"),
+    "unknown model": (["--model", "gpt-17"], "unknown model 'gpt-17'"),
+    "unknown target set": (["--targets", "qz"], "unknown target set 'qz'"),
+    "unknown vision policy": (["--vision", "vit"], "unknown vision policy 'vit'"),
+    "rank zero": (["--ranks", "0"], "rank 0 is not positive"),
+    "rank not a number": (["--ranks", "four"], "--ranks 'four' has a value that is not a int"),
+    "empty factor": (["--targets", ","], "--targets is empty"),
+    "unknown preset": (["--preset", "huge"], "unknown preset 'huge'"),
+    "cuda without gpu": (["--device", "cuda"], "no CUDA GPU is available"),
+    "negative steps": (["--steps", "-1"], "--steps must be positive"),
+}
+
+
+def check_clean_failure(result, message, out):
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and message in lines[0], lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input(name, tmp_path):
+    args, message = CASES[name]
+    if name == "cuda without gpu":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU")
+    out = tmp_path / "out"
+    result = run_cli("--preset", "smoke", *args, "--out", str(out))
+    check_clean_failure(result, message, out)
+
+
+def test_unwritable_output_folder(tmp_path):
+    if os.geteuid() == 0:
+        # root ignores permission bits; a path below a regular file is unwritable for everyone
+        blocker = tmp_path / "file"
+        blocker.write_text("x")
+        out = blocker / "out"
+        message = "not writable"
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        out = locked / "out"
+        message = "not writable"
+    result = run_cli("--preset", "smoke", "--out", str(out))
+    check_clean_failure(result, message, out)
+
+
+def test_missing_checkpoint_file(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(ASSET_DIR, ckpt)
+    (ckpt / "model.safetensors").unlink()
+    out = tmp_path / "out"
+    result = run_cli("--preset", "smoke", "--model", str(ckpt), "--out", str(out))
+    check_clean_failure(result, "model.safetensors is missing", out)
+
+
+def test_corrupted_checkpoint_file(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(ASSET_DIR, ckpt)
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(b"\x00" * 64 + weights.read_bytes()[64:])
+    out = tmp_path / "out"
+    result = run_cli("--preset", "smoke", "--model", str(ckpt), "--out", str(out))
+    check_clean_failure(result, "cannot be loaded", out)
+
+
+def test_target_set_matching_no_module(tmp_path):
+    """A checkpoint whose LLM layers are named differently: every target set matches nothing."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(ASSET_DIR, ckpt)
+    # Same weights, but the config asks for a model whose role map cannot match: zero LLM layers.
+    config = json.loads((ckpt / "config.json").read_text())
+    config["text"]["num_hidden_layers"] = 0
+    (ckpt / "config.json").write_text(json.dumps(config))
+    weights = {k: v for k, v in load_file(ckpt / "model.safetensors").items() if ".layers." not in k or not k.startswith("llm.")}
+    save_file(weights, ckpt / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    result = run_cli("--preset", "smoke", "--model", str(ckpt), "--out", str(out))
+    check_clean_failure(result, "matches no module", out)

@@ -1,0 +1,51 @@
+import json
+import os
+
+import pytest
+
+from bench.store import Store, atomic_write_text
+
+
+def test_atomic_write_replaces_whole_file(tmp_path):
+    path = tmp_path / "a" / "r.json"
+    atomic_write_text(path, "one")
+    atomic_write_text(path, "two")
+    assert path.read_text() == "two"
+    assert [p.name for p in path.parent.iterdir()] == ["r.json"]
+
+
+def test_failed_write_leaves_old_file_and_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "r.json"
+    atomic_write_text(path, "old")
+
+    def boom(*_):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        atomic_write_text(path, "new")
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_store_round_trip_and_done_status(tmp_path):
+    store = Store(tmp_path)
+    store.put({"key": "qv-s0-abc", "suite": "docvqa", "status": "ok", "score": 0.5})
+    store.put({"key": "qk-s0-abc", "suite": "docvqa", "status": "failed", "score": None})
+    store.put({"key": "qkv-s0-abc", "suite": "docvqa", "status": "diverged", "score": None})
+    assert store.is_done("docvqa", "qv-s0-abc")
+    assert not store.is_done("docvqa", "qk-s0-abc")  # failures are retried
+    assert store.is_done("docvqa", "qkv-s0-abc")  # divergence is deterministic: not retried
+    assert not store.is_done("docvqa", "missing")
+    assert {r["key"] for r in store.all()} == {"qv-s0-abc", "qk-s0-abc", "qkv-s0-abc"}
+    assert json.loads(store.path("docvqa", "qv-s0-abc").read_text())["schema"] == 1
+
+
+def test_leftover_temporaries_are_ignored_and_cleaned(tmp_path):
+    store = Store(tmp_path)
+    store.put({"key": "k", "suite": "s", "status": "ok"})
+    partial = store.records_dir / "s" / ".k2.json.abc.tmp"
+    partial.write_text('{"key": "k2", "sui')
+    assert [r["key"] for r in store.all()] == ["k"]
+    store.clean_temporaries()
+    assert not partial.exists()

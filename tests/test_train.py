@@ -1,0 +1,114 @@
+import hashlib
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from bench.errors import BenchError
+from bench.models.adapter import RoleMap
+from bench.space import Cell, TrainSettings
+from bench.train import attach, batch_order, detach, resolve, train
+from suites.shapes.generate import generate
+
+SETTINGS = TrainSettings(steps=4, batch_size=4, lr=5e-3, warmup_steps=1)
+
+
+def fingerprint(model) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def examples(tiny):
+    return [tiny.example(f"{it['question']}\nAnswer the question using a single word or phrase.", it["image"], it["answers"][0])
+            for it in generate(32, seed=11)]
+
+
+def run_cell(tiny, examples, cell, seed=0):
+    from accelerate.utils import set_seed
+
+    set_seed(seed)
+    res = resolve(tiny.model, tiny.roles, cell)
+    peft_model = attach(tiny.model, res, cell, 0.05, seed)
+    try:
+        result = train(tiny, peft_model, examples, SETTINGS, seed, Accelerator(cpu=True))
+        batch = tiny.prompt_batch([e.prompt_ids for e in examples[:8]], [e.pixels for e in examples[:8]], torch.device("cpu"))
+        answers = tiny.decode(tiny.generate_ids(peft_model, batch, 6))
+    finally:
+        tiny.model = detach(peft_model)
+    return result, answers
+
+
+def test_resolution_per_target_set(tiny):
+    layers = tiny.model.llm.config.num_hidden_layers
+    expected = {"qk": 2, "qv": 2, "qkv": 3, "qkvo": 4, "all": 7}
+    for targets, per_layer in expected.items():
+        res = resolve(tiny.model, tiny.roles, Cell(targets, 4, 8, "frozen"))
+        assert len(res.lora) == per_layer * layers
+        assert all(n.startswith("llm.") for n in res.lora)
+        assert res.full == []
+    qk = resolve(tiny.model, tiny.roles, Cell("qk", 4, 8, "frozen")).lora
+    assert not any("v_proj" in n or "o_proj" in n for n in qk)
+
+
+def test_resolution_per_vision_policy(tiny):
+    assert resolve(tiny.model, tiny.roles, Cell("qv", 4, 8, "resampler")).full == ["resampler"]
+    assert resolve(tiny.model, tiny.roles, Cell("qv", 4, 8, "resampler+vpm")).full == ["resampler", "vpm"]
+    res = resolve(tiny.model, tiny.roles, Cell("qv", 4, 8, "vpm-lora"))
+    assert res.full == ["resampler"]
+    assert any(n.startswith("vpm.") for n in res.lora)
+
+
+def test_target_set_matching_nothing_is_an_error(tiny):
+    broken = RoleMap(vision="vpm", connector="resampler", llm_layer=r"decoder\.block\.\d+",
+                     attention={"q": "q", "k": "k", "v": "v", "o": "o"}, mlp={"gate": "g", "up": "u", "down": "d"},
+                     vision_linear=r"vpm\..*q_proj")
+    with pytest.raises(BenchError, match="matches no module"):
+        resolve(tiny.model, broken, Cell("qk", 4, 8, "frozen"))
+
+
+def test_trainable_parameters_follow_the_policy(tiny, examples):
+    lora_only, _ = run_cell(tiny, examples, Cell("qv", 4, 8, "frozen"))
+    with_resampler, _ = run_cell(tiny, examples, Cell("qv", 4, 8, "resampler"))
+    resampler = sum(p.numel() for p in tiny.model.resampler.parameters())
+    assert with_resampler.trainable_params == lora_only.trainable_params + resampler
+
+
+def test_runs_do_not_leak_into_the_base_model_or_each_other(tiny, examples):
+    before = fingerprint(tiny.model)
+    first, first_answers = run_cell(tiny, examples, Cell("all", 4, 8, "resampler+vpm"))
+    assert fingerprint(tiny.model) == before
+    other, _ = run_cell(tiny, examples, Cell("qv", 8, 16, "vpm-lora"), seed=3)
+    assert fingerprint(tiny.model) == before
+    again, again_answers = run_cell(tiny, examples, Cell("all", 4, 8, "resampler+vpm"))
+    assert fingerprint(tiny.model) == before
+    assert first.losses == again.losses
+    assert first_answers == again_answers
+    assert first.losses != other.losses
+
+
+def test_seed_changes_lora_init_and_data_order(tiny, examples):
+    a, _ = run_cell(tiny, examples, Cell("qv", 4, 8, "frozen"), seed=0)
+    b, _ = run_cell(tiny, examples, Cell("qv", 4, 8, "frozen"), seed=1)
+    assert a.losses != b.losses
+    assert batch_order(32, 4, 4, 0) == batch_order(32, 4, 4, 0)
+    assert batch_order(32, 4, 4, 0) != batch_order(32, 4, 4, 1)
+
+
+def test_nan_loss_stops_the_run_as_diverged(tiny, examples):
+    from bench.train import Diverged
+
+    bad = TrainSettings(steps=3, batch_size=4, lr=float("inf"), warmup_steps=1)
+    cell = Cell("qv", 4, 8, "frozen")
+    res = resolve(tiny.model, tiny.roles, cell)
+    before = fingerprint(tiny.model)
+    peft_model = attach(tiny.model, res, cell, 0.0, 0)
+    try:
+        with pytest.raises(Diverged, match="loss is nan"):
+            train(tiny, peft_model, examples, bad, 0, Accelerator(cpu=True))
+    finally:
+        tiny.model = detach(peft_model)
+    assert fingerprint(tiny.model) == before
