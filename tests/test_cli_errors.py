@@ -61,39 +61,40 @@ def test_unwritable_output_folder(tmp_path):
     check_clean_failure(result, message, out)
 
 
-def test_missing_checkpoint_file(tmp_path):
+def smoke_with_broken_checkpoint(tmp_path, damage, message):
+    """Copy the embedded checkpoint, let ``damage`` edit the copy, and expect a clean failure."""
     ckpt = tmp_path / "ckpt"
     shutil.copytree(ASSET_DIR, ckpt)
-    (ckpt / "model.safetensors").unlink()
+    damage(ckpt)
     out = tmp_path / "out"
     result = run_cli("--preset", "smoke", "--model", str(ckpt), "--out", str(out))
-    check_clean_failure(result, "model.safetensors is missing", out)
+    check_clean_failure(result, message, out)
+
+
+def test_missing_checkpoint_file(tmp_path):
+    smoke_with_broken_checkpoint(tmp_path, lambda ckpt: (ckpt / "model.safetensors").unlink(), "model.safetensors is missing")
 
 
 def test_corrupted_checkpoint_file(tmp_path):
-    ckpt = tmp_path / "ckpt"
-    shutil.copytree(ASSET_DIR, ckpt)
-    weights = ckpt / "model.safetensors"
-    weights.write_bytes(b"\x00" * 64 + weights.read_bytes()[64:])
-    out = tmp_path / "out"
-    result = run_cli("--preset", "smoke", "--model", str(ckpt), "--out", str(out))
-    check_clean_failure(result, "cannot be loaded", out)
+    def zero_header(ckpt):
+        weights = ckpt / "model.safetensors"
+        weights.write_bytes(b"\x00" * 64 + weights.read_bytes()[64:])
+
+    smoke_with_broken_checkpoint(tmp_path, zero_header, "cannot be loaded")
 
 
 def test_target_set_matching_no_module(tmp_path):
-    """A checkpoint whose LLM layers are named differently: every target set matches nothing."""
+    """A checkpoint whose LLM has no layers: every target set matches nothing."""
     import json
 
     from safetensors.torch import load_file, save_file
 
-    ckpt = tmp_path / "ckpt"
-    shutil.copytree(ASSET_DIR, ckpt)
-    # Same weights, but the config asks for a model whose role map cannot match: zero LLM layers.
-    config = json.loads((ckpt / "config.json").read_text())
-    config["text"]["num_hidden_layers"] = 0
-    (ckpt / "config.json").write_text(json.dumps(config))
-    weights = {k: v for k, v in load_file(ckpt / "model.safetensors").items() if ".layers." not in k or not k.startswith("llm.")}
-    save_file(weights, ckpt / "model.safetensors", metadata={"format": "pt"})
-    out = tmp_path / "out"
-    result = run_cli("--preset", "smoke", "--model", str(ckpt), "--out", str(out))
-    check_clean_failure(result, "matches no module", out)
+    def drop_llm_layers(ckpt):
+        config = json.loads((ckpt / "config.json").read_text())
+        config["text"]["num_hidden_layers"] = 0
+        (ckpt / "config.json").write_text(json.dumps(config))
+        weights = load_file(ckpt / "model.safetensors")
+        kept = {k: v for k, v in weights.items() if not (k.startswith("llm.") and ".layers." in k)}
+        save_file(kept, ckpt / "model.safetensors", metadata={"format": "pt"})
+
+    smoke_with_broken_checkpoint(tmp_path, drop_llm_layers, "matches no module")
