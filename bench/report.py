@@ -105,7 +105,8 @@ def _fmt_ci(row) -> str:
 
 
 def _cell_name(row) -> str:
-    return f"{row.target_set}-r{row.rank}-a{row.alpha:g}-{row.vision_policy}"
+    # Item access, not attributes: ``row.rank`` is pandas' Series.rank method.
+    return f"{row['target_set']}-r{row['rank']}-a{row['alpha']:g}-{row['vision_policy']}"
 
 
 def markdown(df: pd.DataFrame, records: list[dict], command: str, settings: dict) -> str:
@@ -170,21 +171,25 @@ def markdown(df: pd.DataFrame, records: list[dict], command: str, settings: dict
 
 
 def terminal_table(df: pd.DataFrame, console: Console) -> None:
+    """Fits 80 columns: the interval column only when some cell has several seeds."""
     cells = cell_table(df)
     for suite in sorted(df.suite.unique()):
         metric = df[df.suite == suite].metric.iloc[0]
-        table = Table(title=f"{suite}: {metric} per cell, best first")
-        for col in ("targets", "r", "vision", "seeds", metric, "95% CI", "trainable", "MiB", "train/s"):
-            table.add_column(col, justify="left" if col in ("targets", "vision") else "right", no_wrap=True)
         base = df[(df.suite == suite) & (df.kind == "base")]
         suite_cells = cells[cells.suite == suite] if not cells.empty else cells
+        with_ci = not suite_cells.empty and suite_cells.ci_low.notna().any()
+        table = Table(title=f"{suite}: {metric} per cell, best first")
+        columns = ["targets", "r", "vision", "seeds", metric] + (["95% CI"] if with_ci else []) + ["params", "MiB", "samples/s"]
+        for col in columns:
+            table.add_column(col, justify="left" if col in ("targets", "vision") else "right", no_wrap=True,
+                             min_width=len(col) if col != "vision" else 13)
         for i, row in enumerate(suite_cells.itertuples()):
-            ci = "" if math.isnan(row.ci_low) else f"{row.ci_low:.3f}-{row.ci_high:.3f}"
-            table.add_row(row.target_set, str(row.rank), row.vision_policy, str(row.seeds), f"{row.score:.3f}", ci,
+            ci = ["" if math.isnan(row.ci_low) else f"{row.ci_low:.3f}-{row.ci_high:.3f}"] if with_ci else []
+            table.add_row(row.target_set, str(row.rank), row.vision_policy, str(row.seeds), f"{row.score:.3f}", *ci,
                           f"{row.trainable_params:,}", f"{row.peak_mem_mib:.0f}", f"{row.train_samples_per_s:.0f}",
                           style="bold green" if i == 0 else None)
         if not base.empty:
-            table.add_row("(base)", "", "", "", f"{base.score.iloc[0]:.3f}", "", "0", "", "", style="dim")
+            table.add_row("(base)", "", "", "", f"{base.score.iloc[0]:.3f}", *([""] if with_ci else []), "0", "", "", style="dim")
         console.print(table)
 
 

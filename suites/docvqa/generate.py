@@ -1,11 +1,15 @@
 """Offline generator of DocVQA-like pages: small forms and receipts with ``KEY value`` fields.
 
-Each page holds a title and 2-4 fields drawn from a fixed set of keys, in random order and layout
-(receipt: values right-aligned; form: ``KEY:value``), printed in a letter-spaced monospace (8 px per
-character, like a receipt printer's cells). A question asks for one key's value, a random number, so
-it can only be answered by reading the page. Dark ink on paper is a different visual
-distribution from the embedded model's pretraining scenes (coloured shapes), which is what makes the
-vision-policy ablation meaningful offline.
+Each page holds a title and a field (``max_fields`` allows more) drawn from a fixed set of keys, in a
+random layout (receipt: value right-aligned; form: ``KEY:value``), printed in a letter-spaced
+monospace (8 px per character, like a receipt printer's cells). A question asks for a key's value, a
+random 2-3 digit number, so it can only be answered by reading the page. Dark ink on paper is a
+different visual distribution from the embedded model's pretraining scenes (light codes on coloured
+shapes), which is what makes the vision-policy ablation meaningful offline.
+
+Difficulty, measured on the embedded model (all-r8, 300 steps, batch 32, lr 1e-3, 2 CPU cores):
+one field: frozen vision 0.07 ANLS, resampler+vpm 0.92; one or two fields: 0.05 and 0.54 (0.23 at
+200 steps). The default budget fits one field; richer pages need a GPU-sized budget (``max_fields``).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ PITCH = GLYPH_W + TRACKING
 SIZE = 64
 KEYS = ("NO", "ID", "QTY", "TAX", "SUM", "PIN", "REF", "DAY", "LOT", "BOX")
 TITLES = ("FORM", "BILL", "NOTE", "SLIP", "MEMO")
-VALUE_CHARS = "0123456789"
+VALUE_CHARS = "23456789"  # the digits the base model learned to read in pretraining (no 0/1)
 PAPERS = ((246, 244, 236), (238, 238, 238), (250, 248, 240), (236, 240, 246))
 INKS = ((20, 20, 20), (30, 30, 90), (60, 30, 30))
 
@@ -50,7 +54,7 @@ def render_page(rng: random.Random, fields: list[tuple[str, str]], title: str, l
     return image
 
 
-def generate(n: int, seed: int, min_fields: int = 2, max_fields: int = 4, value_len: tuple[int, int] = (2, 3)) -> Iterator[dict]:
+def generate(n: int, seed: int, min_fields: int = 1, max_fields: int = 1, value_len: tuple[int, int] = (2, 3)) -> Iterator[dict]:
     """Yield ``n`` items: ``{"image", "question", "answers": [str], "qtype", "key"}``.
 
     ``key`` identifies the document's content; the data preparation uses it to keep train and test
