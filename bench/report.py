@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pandas as pd
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from scipy import stats
@@ -178,13 +179,13 @@ def terminal_table(df: pd.DataFrame, console: Console) -> None:
         base = df[(df.suite == suite) & (df.kind == "base")]
         suite_cells = cells[cells.suite == suite] if not cells.empty else cells
         with_ci = not suite_cells.empty and suite_cells.ci_low.notna().any()
-        table = Table(title=f"{suite}: {metric} per cell, best first")
-        columns = ["targets", "r", "vision", "seeds", metric] + (["95% CI"] if with_ci else []) + ["params", "MiB", "samples/s"]
+        table = Table(title=f"{suite}: {metric} per cell, best first", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        columns = ["targets", "r", "vision", "seeds", metric] + (["±95%"] if with_ci else []) + ["trainable", "MiB", "samp/s"]
         for col in columns:
             table.add_column(col, justify="left" if col in ("targets", "vision") else "right", no_wrap=True,
-                             min_width=len(col) if col != "vision" else 13)
+                             min_width={metric: 5, "vision": 13}.get(col))
         for i, row in enumerate(suite_cells.itertuples()):
-            ci = ["" if math.isnan(row.ci_low) else f"{row.ci_low:.3f}-{row.ci_high:.3f}"] if with_ci else []
+            ci = ["" if math.isnan(row.ci_low) else f"{(row.ci_high - row.ci_low) / 2:.3f}"] if with_ci else []
             table.add_row(row.target_set, str(row.rank), row.vision_policy, str(row.seeds), f"{row.score:.3f}", *ci,
                           f"{row.trainable_params:,}", f"{row.peak_mem_mib:.0f}", f"{row.train_samples_per_s:.0f}",
                           style="bold green" if i == 0 else None)
