@@ -49,3 +49,14 @@ def test_leftover_temporaries_are_ignored_and_cleaned(tmp_path):
     assert [r["key"] for r in store.all()] == ["k"]
     store.clean_temporaries()
     assert not partial.exists()
+
+
+def test_written_files_are_readable_by_others(tmp_path):
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "results.md", "x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "results.md").stat().st_mode) == 0o644
