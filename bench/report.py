@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from scipy import stats
 
+from bench.stats import versus_best
 from bench.machine import one_line
 from bench.store import atomic_write_text
 
@@ -99,10 +100,36 @@ def main_effects(df: pd.DataFrame, suite: str, factor: str) -> pd.DataFrame:
     return table.sort_values("mean", ascending=False).reset_index(drop=True)
 
 
+INTERACTIONS = (("target_set", "vision_policy"), ("rank", "target_set"))
+
+
+def two_way(df: pd.DataFrame, suite: str, rows: str, cols: str) -> pd.DataFrame:
+    ok = df[(df.kind == "cell") & (df.status == "ok") & (df.suite == suite)]
+    return ok.pivot_table(index=rows, columns=cols, values="score", aggfunc="mean")
+
+
 def _fmt_ci(row) -> str:
     if math.isnan(row.ci_low):
         return "n/a (1 seed)"
     return f"[{row.ci_low:.3f}, {row.ci_high:.3f}]"
+
+
+def _versus_best_column(records: list[dict], suite: str, suite_cells: pd.DataFrame) -> list[str]:
+    best = suite_cells.iloc[0]
+    key = lambda row: (row["target_set"], row["rank"], float(row["alpha"]), row["vision_policy"])  # noqa: E731
+    table = versus_best(records, suite, (suite, *key(best)))
+    found = {key(row): row for _, row in table.iterrows()} if not table.empty else {}
+    column = []
+    for i, (_, row) in enumerate(suite_cells.iterrows()):
+        r = found.get(key(row))
+        if i == 0:
+            column.append("(best)")
+        elif r is None:
+            column.append("")
+        else:
+            mark = "**≈ best** " if r.within_noise else ""
+            column.append(f"{mark}{r['diff']:+.3f} [{r.low:+.3f}, {r.high:+.3f}] p={r.p_value:.3f}")
+    return column
 
 
 def _cell_name(row) -> str:
@@ -141,8 +168,10 @@ def markdown(df: pd.DataFrame, records: list[dict], command: str, settings: dict
             shown = suite_cells.assign(
                 cell=suite_cells.apply(_cell_name, axis=1),
                 **{"95% CI": suite_cells.apply(_fmt_ci, axis=1)},
-            )[["target_set", "rank", "alpha", "vision_policy", "seeds", "score", "95% CI", "trainable_params",
-               "peak_mem_mib", "train_samples_per_s", "eval_items_per_s"]]
+            )
+            shown["vs best (paired)"] = _versus_best_column(records, suite, suite_cells)
+            shown = shown[["target_set", "rank", "alpha", "vision_policy", "seeds", "score", "95% CI", "vs best (paired)",
+                           "trainable_params", "peak_mem_mib", "train_samples_per_s", "eval_items_per_s"]]
             if not base.empty:
                 b = base.iloc[0]
                 base_row = pd.DataFrame([{
@@ -153,6 +182,10 @@ def markdown(df: pd.DataFrame, records: list[dict], command: str, settings: dict
                 shown = pd.concat([shown, base_row], ignore_index=True)
             shown = shown.rename(columns={"score": metric})
             lines += ["### Cells (mean and 95% interval over seeds; sorted by score)", ""]
+            lines += ["*vs best (paired)*: difference from the best cell on the same test items, 95% bootstrap "
+                      "interval and permutation p-value; **≈ best** marks cells within noise of the best (p >= 0.05). "
+                      "With one seed per cell this is item noise only: seed noise can be larger "
+                      "(run `--seeds 0,1,2` to include it).", ""]
             lines += [shown.to_markdown(index=False, floatfmt=".3f"), ""]
             lines += ["### Main effects (mean score per level, over all other factors)", ""]
             for factor, title in FACTORS.items():
@@ -161,6 +194,13 @@ def markdown(df: pd.DataFrame, records: list[dict], command: str, settings: dict
                     continue
                 effects = effects.rename(columns={"mean": f"mean {metric}", "count": "runs", "vs_overall": "vs overall"})
                 lines += [f"**{title}**", "", effects.to_markdown(index=False, floatfmt=".3f"), ""]
+            suite_runs = df[(df.suite == suite) & (df.kind == "cell")]
+            interactions = [(r, c) for r, c in INTERACTIONS if suite_runs[r].nunique() > 1 and suite_runs[c].nunique() > 1]
+            if interactions:
+                lines += ["### Two-way tables (mean score over the other factors and seeds)", ""]
+            for rows, cols in interactions:
+                pivot = two_way(df, suite, rows, cols)
+                lines += [f"**{FACTORS[rows]} x {FACTORS[cols]}**", "", pivot.to_markdown(floatfmt=".3f"), ""]
     if len(bad):
         lines += ["## Runs that did not finish", ""]
         lines += [bad[["suite", "target_set", "rank", "vision_policy", "seed", "status"]].to_markdown(index=False), ""]

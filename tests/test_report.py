@@ -51,3 +51,45 @@ def test_terminal_table_fits_80_columns():
     assert max(len(line) for line in lines) <= 80
     assert any("0.720" in line and "resampler" in line and "0.050" in line for line in lines)
     assert "…" not in buffer.getvalue()  # nothing truncated
+
+
+def with_items(rec, scores):
+    return {**rec, "items": [{"id": f"t{i}", "prediction": "", "score": s} for i, s in enumerate(scores)]}
+
+
+def test_paired_comparison_finds_real_differences_and_not_noise():
+    import numpy as np
+    import pandas as pd
+
+    from bench import stats
+
+    rng = np.random.default_rng(0)
+    a = pd.Series(rng.integers(0, 2, 400).astype(float))
+    better = a.copy()
+    better[a == 0] = rng.integers(0, 2, int((a == 0).sum())) * (rng.random(int((a == 0).sum())) < 0.5)
+    same = stats.paired_comparison(a, a)
+    assert same["diff"] == 0 and same["p_value"] == 1.0
+    up = stats.paired_comparison(a, better)
+    assert up["diff"] > 0 and up["low"] > 0 and up["p_value"] < 0.01
+    # A relabelled copy of the same scores differs only by item noise around zero.
+    shuffled = pd.Series(rng.permutation(a.to_numpy()))
+    noise = stats.paired_comparison(a, shuffled)
+    assert noise["low"] <= 0 <= noise["high"]
+
+
+def test_markdown_marks_cells_within_noise_of_best():
+    rng = __import__("numpy").random.default_rng(1)
+    best = (rng.random(300) < 0.7).astype(float)
+    close = best.copy()
+    close[:3] = 1 - close[:3]  # three items flipped: indistinguishable
+    far = (rng.random(300) < 0.3).astype(float)
+    records = [RECORDS[0],
+               with_items(record("all", "resampler", 0, best.mean()), best),
+               with_items(record("qv", "resampler", 0, close.mean()), close),
+               with_items(record("qk", "frozen", 0, far.mean()), far)]
+    text = report.markdown(report.frame(records), records, "cmd", {})
+    cells = text[text.index("### Cells"):text.index("### Main effects")]
+    rows = {line.split("|")[1].strip(): line for line in cells.splitlines() if line.startswith("| q")}
+    assert "≈ best" in rows["qv"]
+    assert "≈ best" not in rows["qk"] and "p=0.00" in rows["qk"]
+    assert "**target set x vision policy**" in text and "**rank x target set**" not in text
