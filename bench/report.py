@@ -16,9 +16,9 @@ from rich.console import Console
 from rich.table import Table
 from scipy import stats
 
-from bench.stats import versus_best
 from bench.machine import one_line
-from bench.store import atomic_write_text
+from bench.stats import versus_best
+from bench.store import atomic_write_bytes, atomic_write_text
 
 FACTORS = {"target_set": "target set", "rank": "rank", "vision_policy": "vision policy"}
 CELL_COLUMNS = ["target_set", "rank", "alpha", "vision_policy"]
@@ -106,6 +106,39 @@ INTERACTIONS = (("target_set", "vision_policy"), ("rank", "target_set"))
 def two_way(df: pd.DataFrame, suite: str, rows: str, cols: str) -> pd.DataFrame:
     ok = df[(df.kind == "cell") & (df.status == "ok") & (df.suite == suite)]
     return ok.pivot_table(index=rows, columns=cols, values="score", aggfunc="mean")
+
+
+def heatmap_name(suite: str) -> str:
+    return f"heatmap-{suite}.png"
+
+
+def heatmap_png(df: pd.DataFrame, suite: str) -> bytes:
+    """Target set x vision policy, one colour scale per suite, values printed in the cells."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pivot = two_way(df, suite, "target_set", "vision_policy")
+    metric = df[df.suite == suite].metric.iloc[0]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * pivot.shape[1], 0.8 + 0.5 * pivot.shape[0]), dpi=110)
+    image = ax.imshow(pivot.to_numpy(dtype=float), cmap="viridis", aspect="auto")
+    ax.set_xticks(range(pivot.shape[1]), pivot.columns)
+    ax.set_yticks(range(pivot.shape[0]), pivot.index)
+    ax.set_xlabel("vision policy")
+    ax.set_ylabel("LoRA target set")
+    for (i, j), value in np.ndenumerate(pivot.to_numpy(dtype=float)):
+        if not np.isnan(value):
+            ax.text(j, i, f"{value:.3f}", ha="center", va="center", color="white" if value < np.nanmean(pivot) else "black")
+    fig.colorbar(image, ax=ax, label=metric)
+    ax.set_title(f"{suite}: mean {metric}")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return buffer.getvalue()
 
 
 def _fmt_ci(row) -> str:
@@ -198,6 +231,7 @@ def markdown(df: pd.DataFrame, records: list[dict], command: str, settings: dict
             interactions = [(r, c) for r, c in INTERACTIONS if suite_runs[r].nunique() > 1 and suite_runs[c].nunique() > 1]
             if interactions:
                 lines += ["### Two-way tables (mean score over the other factors and seeds)", ""]
+                lines += [f"![{suite}: target set x vision policy]({heatmap_name(suite)})", ""] if ("target_set", "vision_policy") in interactions else []
             for rows, cols in interactions:
                 pivot = two_way(df, suite, rows, cols)
                 lines += [f"**{FACTORS[rows]} x {FACTORS[cols]}**", "", pivot.to_markdown(floatfmt=".3f"), ""]
@@ -241,7 +275,11 @@ def write_all(records: list[dict], spec, console: Console) -> None:
     settings = {"steps": spec.train.steps, "batch_size": spec.train.batch_size, "lr": spec.train.lr,
                 "lora_dropout": spec.train.lora_dropout, "alpha_rule": spec.alpha_rule}
     atomic_write_text(out / "results.csv", df.to_csv(index=False, float_format="%.6g"))
-    atomic_write_text(out / "results.md", markdown(df, records, command, settings) + "\n")
+    text = markdown(df, records, command, settings)
+    for suite in sorted(df.suite.unique()) if not df.empty else []:
+        if heatmap_name(suite) in text:
+            atomic_write_bytes(out / heatmap_name(suite), heatmap_png(df, suite))
+    atomic_write_text(out / "results.md", text + "\n")
     if not df.empty:
         terminal_table(df, console)
     console.print(f"wrote {out / 'results.md'} and {out / 'results.csv'}")

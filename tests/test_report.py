@@ -93,3 +93,16 @@ def test_markdown_marks_cells_within_noise_of_best():
     assert "≈ best" in rows["qv"]
     assert "≈ best" not in rows["qk"] and "p=0.00" in rows["qk"]
     assert "**target set x vision policy**" in text and "**rank x target set**" not in text
+
+
+def test_heatmap_is_written_and_linked(tmp_path):
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    records = RECORDS + [record("all", "frozen", 0, 0.5), record("qv", "resampler", 0, 0.6)]
+    spec = SimpleNamespace(out=tmp_path, alpha_rule="2r", train=SimpleNamespace(steps=1, batch_size=1, lr=1e-3, lora_dropout=0.0))
+    report.write_all(records, spec, Console(file=io.StringIO()))
+    assert "](heatmap-docvqa.png)" in (tmp_path / "results.md").read_text()
+    with Image.open(tmp_path / "heatmap-docvqa.png") as image:
+        assert image.width > 100 and image.height > 100
