@@ -108,6 +108,16 @@ def two_way(df: pd.DataFrame, suite: str, rows: str, cols: str) -> pd.DataFrame:
     return ok.pivot_table(index=rows, columns=cols, values="score", aggfunc="mean")
 
 
+def cross_suite(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows = cells, columns = suites, with each suite's base model as the last row."""
+    cells = cell_table(df)
+    cells = cells.assign(cell=cells.apply(_cell_name, axis=1))
+    table = cells.pivot_table(index="cell", columns="suite", values="score", aggfunc="mean")
+    table = table.loc[table.mean(axis=1).sort_values(ascending=False).index]
+    base = df[df.kind == "base"].groupby("suite").score.mean().rename("(base model)")
+    return pd.concat([table, base.to_frame().T])
+
+
 def heatmap_name(suite: str) -> str:
     return f"heatmap-{suite}.png"
 
@@ -235,6 +245,8 @@ def markdown(df: pd.DataFrame, records: list[dict], command: str, settings: dict
             for rows, cols in interactions:
                 pivot = two_way(df, suite, rows, cols)
                 lines += [f"**{FACTORS[rows]} x {FACTORS[cols]}**", "", pivot.to_markdown(floatfmt=".3f"), ""]
+    if not df.empty and df.suite.nunique() > 1:
+        lines += ["## Across suites (mean score over seeds; each suite's own metric)", "", cross_suite(df).to_markdown(floatfmt=".3f"), ""]
     if len(bad):
         lines += ["## Runs that did not finish", ""]
         lines += [bad[["suite", "target_set", "rank", "vision_policy", "seed", "status"]].to_markdown(index=False), ""]

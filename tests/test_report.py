@@ -106,3 +106,13 @@ def test_heatmap_is_written_and_linked(tmp_path):
     assert "](heatmap-docvqa.png)" in (tmp_path / "results.md").read_text()
     with Image.open(tmp_path / "heatmap-docvqa.png") as image:
         assert image.width > 100 and image.height > 100
+
+
+def test_cross_suite_table_has_base_row():
+    other = [{**r, "suite": "shapes", "metric": "vqa_accuracy", "score": (r["score"] or 0) / 2, "key": r["key"] + "-s"} for r in RECORDS]
+    records = RECORDS + other
+    table = report.cross_suite(report.frame(records))
+    assert list(table.columns) == ["docvqa", "shapes"]
+    assert table.index[0] == "all-r8-a16-resampler" and table.index[-1] == "(base model)"
+    assert abs(table.loc["(base model)", "shapes"] - 0.05) < 1e-9
+    assert "## Across suites" in report.markdown(report.frame(records), records, "cmd", {})
