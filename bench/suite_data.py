@@ -62,9 +62,16 @@ def load_split_dataset(data_dir: str | None = None, **_metadata):
 
 
 def generator_fingerprint(generate_fn) -> str:
-    """Hash of the generator's module source: editing a generator invalidates its cached data."""
+    """Hash of the generator's source and of the project modules it draws with (another suite's
+    generator, bench.render): editing any of them invalidates the cached data."""
     module = inspect.getmodule(generate_fn)
-    return hashlib.sha256(inspect.getsource(module).encode()).hexdigest()[:16]
+    used = {module.__name__: module}
+    for value in vars(module).values():
+        source = inspect.getmodule(value)
+        if source is not None and source.__name__.split(".")[0] in ("suites", "bench"):
+            used[source.__name__] = source
+    text = "".join(inspect.getsource(used[name]) for name in sorted(used))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def prepare_generated(suite: str, generate_fn, sizes: dict[str, int], seed: int, options: dict | None = None) -> Path:

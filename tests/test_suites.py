@@ -12,6 +12,8 @@ from bench.metrics import METRICS
 from suites.docvqa.generate import generate as docs
 from suites.shapes.generate import generate as scenes
 
+shifted = suites.get("shapes-shift").generator()
+
 
 def test_registry_reads_the_task_yaml():
     docvqa = suites.get("docvqa")
@@ -22,7 +24,7 @@ def test_registry_reads_the_task_yaml():
         suites.get("nope")
 
 
-@pytest.mark.parametrize("generate", [docs, scenes])
+@pytest.mark.parametrize("generate", [docs, scenes, shifted])
 def test_generators_are_deterministic(generate):
     a = [(it["question"], it["answers"], it["image"].tobytes()) for it in generate(20, seed=3)]
     b = [(it["question"], it["answers"], it["image"].tobytes()) for it in generate(20, seed=3)]
@@ -58,7 +60,7 @@ def test_docvqa_answer_is_printed_on_the_page():
             assert _contains(page, _ink(mask)), (item["question"], text)
 
 
-@pytest.mark.parametrize("name", ["docvqa", "shapes"])
+@pytest.mark.parametrize("name", ["docvqa", "shapes", "shapes-shift"])
 def test_prepared_splits_share_no_document(name):
     folder = suites.get(name).prepare(train_items=300, test_items=100)
     read = lambda split: [json.loads(line) for line in (folder / f"{split}.jsonl").read_text().splitlines()]
@@ -79,3 +81,19 @@ def test_lm_eval_scores_match_the_metric(tiny):
     for item in result.items:
         assert item["score"] == METRICS["anls"](item["prediction"], answers[item["id"]])
     assert result.score == pytest.approx(sum(i["score"] for i in result.items) / 40)
+
+
+def test_shapes_shift_keeps_questions_and_changes_pixels():
+    """Same scenes and answers as the unstriped shifted style; pixels far from the pretraining look."""
+    from suites.shapes.generate import PRETRAINING
+    from suites.shapes.generate import generate as styled
+
+    module = __import__("importlib").import_module("suites.shapes-shift.generate")
+    plain = list(styled(50, 7, style=module.SHIFTED))
+    striped = list(shifted(50, 7))
+    assert [(a["question"], a["answers"]) for a in plain] == [(b["question"], b["answers"]) for b in striped]
+    originals = list(styled(50, 7, style=PRETRAINING))
+    # texture and noise: neighbouring pixels differ more; darker palette and backgrounds
+    spread = lambda items: np.mean([np.abs(np.diff(np.asarray(i["image"], dtype=float), axis=1)).mean() for i in items])  # noqa: E731
+    mean = lambda items: np.mean([np.asarray(i["image"], dtype=float).mean() for i in items])  # noqa: E731
+    assert spread(striped) > spread(originals) and mean(striped) < mean(originals)

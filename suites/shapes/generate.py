@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -32,10 +33,23 @@ BACKGROUNDS = ((225, 235, 245), (240, 232, 215), (222, 238, 222), (236, 236, 236
 QTYPES = ("color", "shape", "count", "position", "text", "text")
 
 
-def render_scene(rng: random.Random, n_objects: int, glyph_p: float = 0.5) -> tuple[Image.Image, list[dict]]:
+@dataclass(frozen=True)
+class Style:
+    """How scenes look; the default is the pretraining distribution, other styles shift it."""
+
+    colors: dict = field(default_factory=lambda: COLORS)
+    backgrounds: tuple = BACKGROUNDS
+    size_range: tuple[int, int] = (SIZE // 2 * 5 // 8, SIZE // 2 - 4)
+    noise_sd: float = 6.0
+
+
+PRETRAINING = Style()
+
+
+def render_scene(rng: random.Random, n_objects: int, glyph_p: float = 0.5, style: Style = PRETRAINING) -> tuple[Image.Image, list[dict]]:
     """Draw ``n_objects`` shapes (one per quadrant); each carries a 1-2 character code with ``glyph_p``."""
-    noise = np.random.default_rng(rng.getrandbits(32)).normal(0, 6, (SIZE, SIZE, 3))
-    bg = np.array(rng.choice(BACKGROUNDS), dtype=np.float32)
+    noise = np.random.default_rng(rng.getrandbits(32)).normal(0, style.noise_sd, (SIZE, SIZE, 3))
+    bg = np.array(rng.choice(style.backgrounds), dtype=np.float32)
     image = Image.fromarray(np.clip(bg + noise, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
     half = SIZE // 2
@@ -46,10 +60,10 @@ def render_scene(rng: random.Random, n_objects: int, glyph_p: float = 0.5) -> tu
             if (color, shape) not in seen:
                 seen.add((color, shape))
                 break
-        s = rng.randint(half * 5 // 8, half - 4)
+        s = rng.randint(*style.size_range)
         x0 = (quadrant % 2) * half + rng.randint(2, half - s - 2)
         y0 = (quadrant // 2) * half + rng.randint(2, half - s - 2)
-        draw_shape(draw, shape, (x0, y0, x0 + s, y0 + s), COLORS[color])
+        draw_shape(draw, shape, (x0, y0, x0 + s, y0 + s), style.colors[color])
         code = None
         if rng.random() < glyph_p:
             # Two characters fit only inside circles and squares.
@@ -91,13 +105,13 @@ def _question(rng: random.Random, qtype: str, objects: list[dict]) -> tuple[str,
     raise ValueError(f"unknown question type {qtype!r}")
 
 
-def generate(n: int, seed: int, qtypes: tuple[str, ...] = QTYPES) -> Iterator[dict]:
+def generate(n: int, seed: int, qtypes: tuple[str, ...] = QTYPES, style: Style = PRETRAINING) -> Iterator[dict]:
     """Yield ``n`` items ``{"image": PIL.Image, "question", "answers": [str], "qtype"}``, cycling ``qtypes``."""
     rng = random.Random(seed)
     for i in range(n):
         qtype = qtypes[i % len(qtypes)]
         while True:
-            image, objects = render_scene(rng, rng.randint(1, 4))
+            image, objects = render_scene(rng, rng.randint(1, 4), style=style)
             qa = _question(rng, qtype, objects)
             if qa is not None:
                 break
