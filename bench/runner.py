@@ -29,7 +29,7 @@ from bench.models import get_adapter
 from bench.space import Cell
 from bench.spec import Spec
 from bench.store import Store, digest
-from bench.suite_data import read_split
+from bench.suite_data import content_digest, read_split
 from bench.train import Diverged, attach, detach, resolve, train
 
 
@@ -117,7 +117,7 @@ def run(spec: Spec, console: Console | None = None) -> Path:
             suite = suite_registry.get(name)
             progress.update(prep, info=name)
             data_dir = suite.prepare(spec.train.train_items, spec.train.test_items)
-            identity = {"suite": suite.name, "data": data_dir.name, "model": adapter.fingerprint(),
+            identity = {"suite": suite.name, "data": content_digest(data_dir), "model": adapter.fingerprint(),
                         "device": accelerator.device.type, "precision": mixed}
             suite_runs.append(SuiteRun(suite, data_dir, identity))
             progress.advance(prep)

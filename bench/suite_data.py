@@ -80,28 +80,41 @@ def prepare_generated(suite: str, generate_fn, sizes: dict[str, int], seed: int,
     spec = {"suite": suite, "sizes": sizes, "seed": seed, "options": options, "generator": generator_fingerprint(generate_fn)}
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     folder = cache_root() / f"{suite}-{digest}"
-    if (folder / "COMPLETE").is_file():
+    if content_digest(folder):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{suite}-", dir=folder.parent))
     try:
         (tmp / "images").mkdir()
         seen: set[str] = set()
+        content = hashlib.sha256()
         # Test first: train items whose document appears in test are skipped, never the reverse.
         for index, split in enumerate(("test", "train")):
-            _write_split(tmp, split, generate_fn, sizes[split], seed * 1000 + index, options, seen)
-        (tmp / "COMPLETE").write_text(json.dumps(spec, indent=2) + "\n")
+            _write_split(tmp, split, generate_fn, sizes[split], seed * 1000 + index, options, seen, content)
+        (tmp / "COMPLETE").write_text(json.dumps({**spec, "content": content.hexdigest()[:16]}, indent=2) + "\n")
         try:
             os.replace(tmp, folder)
         except OSError:  # another process finished the same folder first
-            if not (folder / "COMPLETE").is_file():
+            if not content_digest(folder):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
-def _write_split(root: Path, split: str, generate_fn, n: int, seed: int, options: dict, seen: set[str]) -> None:
+def content_digest(folder: Path) -> str | None:
+    """Hash of a prepared folder's questions, answers and pixels (None if not complete).
+
+    Records are keyed by it, not by the generator's source: refactoring a generator without
+    changing what it draws keeps earlier results valid, and any change to the data invalidates them.
+    """
+    try:
+        return json.loads((Path(folder) / "COMPLETE").read_text()).get("content")
+    except (OSError, ValueError):
+        return None
+
+
+def _write_split(root: Path, split: str, generate_fn, n: int, seed: int, options: dict, seen: set[str], content) -> None:
     rows = []
     stream = generate_fn(n * 2 + 100, seed, **options)
     for item in stream:
@@ -112,8 +125,11 @@ def _write_split(root: Path, split: str, generate_fn, n: int, seed: int, options
         ident = f"{split}-{len(rows):06d}"
         rel = f"images/{ident}.png"
         item["image"].save(root / rel)
-        rows.append({"id": ident, "image": rel, "question": item["question"], "answers": item["answers"],
-                     "qtype": item.get("qtype", ""), "doc": key})
+        row = {"id": ident, "image": rel, "question": item["question"], "answers": item["answers"],
+               "qtype": item.get("qtype", ""), "doc": key}
+        rows.append(row)
+        content.update(json.dumps(row, sort_keys=True).encode())
+        content.update(f"{item['image'].mode}{item['image'].size}".encode() + item["image"].tobytes())
         if len(rows) == n:
             break
     if len(rows) < n:

@@ -97,3 +97,22 @@ def test_shapes_shift_keeps_questions_and_changes_pixels():
     spread = lambda items: np.mean([np.abs(np.diff(np.asarray(i["image"], dtype=float), axis=1)).mean() for i in items])  # noqa: E731
     mean = lambda items: np.mean([np.asarray(i["image"], dtype=float).mean() for i in items])  # noqa: E731
     assert spread(striped) > spread(originals) and mean(striped) < mean(originals)
+
+
+def _tiny_generator(n, seed, unused=0, shade=0):
+    from PIL import Image
+
+    for i in range(n):
+        yield {"image": Image.new("RGB", (4, 4), (i % 250, shade, 0)), "question": f"q{i}", "answers": [str(i)], "key": f"{seed}-{i}"}
+
+
+def test_records_are_keyed_by_data_content_not_generator_code():
+    from bench.suite_data import content_digest, prepare_generated
+
+    sizes = {"train": 5, "test": 3}
+    a = prepare_generated("tiny", _tiny_generator, sizes, 0, {"unused": 1})
+    b = prepare_generated("tiny", _tiny_generator, sizes, 0, {"unused": 2})
+    c = prepare_generated("tiny", _tiny_generator, sizes, 0, {"shade": 9})
+    assert a != b  # different recipe, different cache folder...
+    assert content_digest(a) == content_digest(b)  # ...but the same data
+    assert content_digest(c) != content_digest(a)
