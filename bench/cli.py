@@ -23,6 +23,7 @@ EPILOG = """examples:
   python run_bench.py --suite docvqa                      # default preset: 5 target sets x 4 vision policies
   python run_bench.py --suite docvqa --preset smoke       # a first look in under a minute
   python run_bench.py --suite docvqa --targets qk,qv --ranks 4,16 --vision frozen,resampler --seeds 0,1,2
+  python run_bench.py --suite textvqa --data ~/data/textvqa --limit 2000   # a real dataset instead of the generator
 """
 
 
@@ -47,6 +48,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-dropout", type=float, help="LoRA dropout")
     p.add_argument("--train-items", type=int, help="training items per suite (generated suites)")
     p.add_argument("--test-items", type=int, help="test items per suite (generated suites)")
+    p.add_argument("--data", help="a real dataset (file or folder: TextVQA/DocVQA/ChartQA JSON, or parquet shards) instead of the suite's generator")
+    p.add_argument("--limit", type=int, help="at most N items per split (train and test)")
     p.add_argument("--out", help="results folder (default: results/runs/<preset>, git-ignored)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--list", action="store_true", help="list suites, presets, target sets and vision policies, then exit")

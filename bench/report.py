@@ -198,6 +198,9 @@ def markdown(df: pd.DataFrame, records: list[dict], command: str, settings: dict
         base = df[(df.suite == suite) & (df.kind == "base")]
         suite_cells = cells[cells.suite == suite] if not cells.empty else cells
         lines += [f"## {suite} ({metric})", ""]
+        source = next((r.get("data_source") for r in records if r.get("suite") == suite and r.get("data_source")), None)
+        if source:
+            lines += [f"Data: {source}", ""]
         if not suite_cells.empty:
             best = suite_cells.iloc[0]
             lines += [

@@ -29,7 +29,7 @@ from bench.models import get_adapter
 from bench.space import Cell
 from bench.spec import Spec
 from bench.store import Store, digest
-from bench.suite_data import content_digest, read_split
+from bench.suite_data import content_digest, describe, read_split
 from bench.train import Diverged, attach, detach, resolve, train
 
 
@@ -59,6 +59,7 @@ class SuiteRun:
     suite: suite_registry.Suite
     data_dir: Path
     identity: dict
+    source: str = ""
 
     def base_key(self) -> str:
         return f"base-{digest(self.identity)}"
@@ -116,10 +117,10 @@ def run(spec: Spec, console: Console | None = None) -> Path:
         for name in spec.suites:
             suite = suite_registry.get(name)
             progress.update(prep, info=name)
-            data_dir = suite.prepare(spec.train.train_items, spec.train.test_items)
+            data_dir = suite.prepare(spec.train.train_items, spec.train.test_items, spec.data, spec.limit, progress.console)
             identity = {"suite": suite.name, "data": content_digest(data_dir), "model": adapter.fingerprint(),
                         "device": accelerator.device.type, "precision": mixed}
-            suite_runs.append(SuiteRun(suite, data_dir, identity))
+            suite_runs.append(SuiteRun(suite, data_dir, identity, describe(data_dir)))
             progress.advance(prep)
         progress.remove_task(prep)
 
@@ -158,6 +159,9 @@ def run(spec: Spec, console: Console | None = None) -> Path:
 
     keys = {sr.suite.name: {sr.base_key()} | {sr.key(spec, c, s) for c in spec.cells for s in spec.seeds} for sr in suite_runs}
     records = [r for r in store.all() if r.get("key") in keys.get(r.get("suite"), set())]
+    sources = {sr.suite.name: sr.source for sr in suite_runs}
+    for r in records:  # records written before data_source existed
+        r.setdefault("data_source", sources[r["suite"]])
     report.write_all(records, spec, console)
     return spec.out
 
@@ -183,6 +187,7 @@ def _base_record(spec: Spec, sr: SuiteRun, context: dict, key: str, kind: str) -
         "metric": sr.suite.metric,
         "model": spec.model,
         "data": str(sr.data_dir.name),
+        "data_source": sr.source,
         **context,
     }
 

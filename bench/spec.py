@@ -30,6 +30,8 @@ class Spec:
     out: Path
     device: torch.device
     alpha_rule: str
+    data: Path | None = None  # a real dataset for the (single) suite, instead of its generator
+    limit: int | None = None  # at most this many items per split
     eval_batch_size: int = 64
 
     @property
@@ -99,6 +101,15 @@ def from_args(args) -> Spec:
         if key == "lora_dropout" and not 0 <= value < 1:
             raise BenchError(f"--lora-dropout must be in [0, 1) (got {value})")
         train = dataclasses.replace(train, **{key: value})
+    data = Path(args.data).expanduser() if getattr(args, "data", None) else None
+    if data is not None:
+        if len(suite_names) != 1:
+            raise BenchError(f"--data loads one dataset, but --suite names {len(suite_names)} suites; run one suite per dataset")
+        if not data.exists():
+            raise BenchError(f"--data {data} does not exist; pass a dataset file or folder")
+    limit = getattr(args, "limit", None)
+    if limit is not None and limit <= 0:
+        raise BenchError(f"--limit must be positive (got {limit})")
     if train.warmup_steps > train.steps:
         train = dataclasses.replace(train, warmup_steps=max(1, train.steps // 10))
     return Spec(
@@ -111,4 +122,6 @@ def from_args(args) -> Spec:
         out=Path(args.out) if args.out else DEFAULT_OUT / args.preset,
         device=resolve_device(args.device),
         alpha_rule=args.alpha,
+        data=data,
+        limit=limit,
     )

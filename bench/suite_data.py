@@ -114,6 +114,16 @@ def content_digest(folder: Path) -> str | None:
         return None
 
 
+def describe(folder: Path) -> str:
+    """Where a prepared folder's data came from, for the reports."""
+    meta = json.loads((Path(folder) / "COMPLETE").read_text())
+    counts = {split: sum(1 for _ in open(Path(folder) / f"{split}.jsonl")) for split in SPLITS}
+    sizes = f"{counts['train']} train / {counts['test']} test items"
+    if "format" in meta:
+        return f"{Path(meta['source']).name} ({meta['format']}; {sizes})"
+    return f"generated (seed {meta['seed']}; {sizes})"
+
+
 def _write_split(root: Path, split: str, generate_fn, n: int, seed: int, options: dict, seen: set[str], content) -> None:
     rows = []
     stream = generate_fn(n * 2 + 100, seed, **options)

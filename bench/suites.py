@@ -2,7 +2,8 @@
 
 The YAML is an ordinary lm-eval task; the harness reads only its ``metadata.harness`` block (metric,
 default sizes, seed) and ``generation_kwargs.max_gen_toks``. Adding a suite means adding a folder:
-``<name>.yaml`` + ``utils.py`` (lm-eval hooks) + ``generate.py`` (offline generator).
+``<name>.yaml`` + ``utils.py`` (lm-eval hooks) + ``generate.py`` (offline generator); the optional
+``data_formats`` list names the real-data formats ``--data`` may hold for it (see bench/loaders.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pathlib import Path
 import yaml
 
 from bench.errors import BenchError
-from bench.suite_data import prepare_generated
+from bench import loaders
+from bench.suite_data import cache_root, prepare_generated
 
 SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
 
@@ -37,6 +39,7 @@ class Suite:
     train_items: int
     test_items: int
     seed: int
+    data_formats: tuple[str, ...] = ()  # real-data formats --data accepts (bench/loaders.py)
 
     def generator(self):
         return importlib.import_module(f"suites.{self.folder.name}.generate").generate
@@ -46,8 +49,18 @@ class Suite:
         utils = importlib.import_module(f"suites.{self.folder.name}.utils")
         return utils.doc_to_text({"question": question})
 
-    def prepare(self, train_items: int | None = None, test_items: int | None = None) -> Path:
+    def prepare(self, train_items: int | None = None, test_items: int | None = None, data: Path | None = None,
+                limit: int | None = None, console=None) -> Path:
+        """The prepared folder: real data from ``data`` when given, else the generator's output.
+        ``limit`` caps the items of each split."""
+        if data is not None:
+            if not self.data_formats:
+                raise BenchError(f"suite {self.name} has no real-data loader (it is generated only); drop --data or pick "
+                                 f"one of {', '.join(n for n, s in available().items() if s.data_formats)}")
+            return loaders.prepare(self.name, data, self.data_formats, limit, cache_root(), console)
         sizes = {"train": train_items or self.train_items, "test": test_items or self.test_items}
+        if limit:
+            sizes = {split: min(n, limit) for split, n in sizes.items()}
         return prepare_generated(self.name, self.generator(), sizes, self.seed)
 
 
@@ -67,6 +80,7 @@ def available() -> dict[str, Suite]:
             train_items=int(harness.get("train_items", 2000)),
             test_items=int(harness.get("test_items", 500)),
             seed=int(harness.get("seed", 0)),
+            data_formats=tuple(harness.get("data_formats", ())),
         )
     return suites
 

@@ -13,6 +13,8 @@ from suites.docvqa.generate import generate as docs
 from suites.shapes.generate import generate as scenes
 
 shifted = suites.get("shapes-shift").generator()
+signs = suites.get("textvqa").generator()
+charts = suites.get("chartqa").generator()
 
 
 def test_registry_reads_the_task_yaml():
@@ -24,7 +26,7 @@ def test_registry_reads_the_task_yaml():
         suites.get("nope")
 
 
-@pytest.mark.parametrize("generate", [docs, scenes, shifted])
+@pytest.mark.parametrize("generate", [docs, scenes, shifted, signs, charts])
 def test_generators_are_deterministic(generate):
     a = [(it["question"], it["answers"], it["image"].tobytes()) for it in generate(20, seed=3)]
     b = [(it["question"], it["answers"], it["image"].tobytes()) for it in generate(20, seed=3)]
@@ -60,7 +62,7 @@ def test_docvqa_answer_is_printed_on_the_page():
             assert _contains(page, _ink(mask)), (item["question"], text)
 
 
-@pytest.mark.parametrize("name", ["docvqa", "shapes", "shapes-shift"])
+@pytest.mark.parametrize("name", ["docvqa", "shapes", "shapes-shift", "textvqa", "chartqa"])
 def test_prepared_splits_share_no_document(name):
     folder = suites.get(name).prepare(train_items=300, test_items=100)
     read = lambda split: [json.loads(line) for line in (folder / f"{split}.jsonl").read_text().splitlines()]
@@ -70,6 +72,58 @@ def test_prepared_splits_share_no_document(name):
     assert all((folder / r["image"]).is_file() for r in train + test)
     # a second call reuses the cached folder
     assert suites.get(name).prepare(train_items=300, test_items=100) == folder
+
+
+def _glyphs(text: str, tracking: int) -> np.ndarray:
+    from PIL import Image
+
+    from bench.render import draw_text, text_size
+
+    mask = Image.new("L", text_size(text, tracking=tracking), 255)
+    draw_text(mask, (0, 0), text, 0, tracking=tracking)
+    return _ink(mask)
+
+
+def _painted(image, color) -> np.ndarray:
+    return (np.asarray(image) == np.array(color)).all(axis=-1).astype(np.uint8)
+
+
+def test_textvqa_answer_is_painted_in_the_scene():
+    """The answer's exact glyphs, in one of the sign paints, occur in the scene; the question's
+    sign colour is a board in the scene."""
+    from suites.textvqa.generate import SIGN_COLORS, TEXT_COLORS, TRACKING
+
+    kinds = set()
+    for item in signs(150, seed=0):
+        answer = item["answers"][0]
+        assert answer == answer.lower() and 2 <= len(answer) <= 4
+        glyphs = _glyphs(answer.upper(), TRACKING)
+        assert any(_contains(_painted(item["image"], c), glyphs) for c in TEXT_COLORS), item["question"]
+        if item["qtype"] == "sign":
+            color = item["question"].split()[3]
+            assert _painted(item["image"], SIGN_COLORS[color][0]).sum() > 40
+        kinds.add(item["qtype"])
+    assert kinds == {"sign", "shop", "bus"}
+
+
+def test_chartqa_answer_is_plotted():
+    """Asked values are printed on the chart; highest/lowest answers are the printed extremes."""
+    from suites.chartqa.generate import INK, TRACKING
+
+    qtypes = set()
+    for item in charts(120, seed=0):
+        values = dict(kv.split("=") for kv in item["key"].split("|")[1].split(";"))
+        ink = _painted(item["image"], INK)
+        for category, value in values.items():  # every label and value is drawn
+            assert _contains(ink, _glyphs(category, TRACKING)) and _contains(ink, _glyphs(value, TRACKING))
+        answer = item["answers"][0]
+        if item["qtype"] == "value":
+            assert values[item["question"].split()[-1].rstrip("?")] == answer
+        else:
+            pick = max if item["qtype"] == "highest" else min
+            assert answer == pick(values, key=lambda c: int(values[c]))
+        qtypes.add(item["qtype"])
+    assert qtypes == {"value", "highest", "lowest"}
 
 
 def test_lm_eval_scores_match_the_metric(tiny):
