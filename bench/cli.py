@@ -23,6 +23,8 @@ EPILOG = """examples:
   python run_bench.py --suite docvqa                      # default preset: 5 target sets x 4 vision policies
   python run_bench.py --suite docvqa --preset smoke       # a first look in under a minute
   python run_bench.py --suite docvqa --targets qk,qv --ranks 4,16 --vision frozen,resampler --seeds 0,1,2
+  python run_bench.py --suite docvqa --search optuna --trials 20 --memory-budget 16GiB    # multi-objective search
+  python run_bench.py --suite docvqa --search optuna --objectives score --trials 12      # single objective, with pruning
   python run_bench.py --suite textvqa --data ~/data/textvqa --limit 2000   # a real dataset instead of the generator
 """
 
@@ -51,6 +53,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="a real dataset (file or folder: TextVQA/DocVQA/ChartQA JSON, or parquet shards) instead of the suite's generator")
     p.add_argument("--limit", type=int, help="at most N items per split (train and test)")
     p.add_argument("--out", help="results folder (default: results/runs/<preset>, git-ignored)")
+    p.add_argument("--storage", help="Optuna storage URL shared by workers on several machines, e.g. postgresql://user@host/db "
+                   "(default: a journal file in --out, shared by processes on this machine)")
+    p.add_argument("--worker", action="store_true", help="join the study of this matrix in --storage (started elsewhere) and run its trials")
+    p.add_argument("--objectives", help="study objectives, comma-separated from score, memory, throughput (default: all three)")
+    p.add_argument("--search", help="optuna: let a sampler propose cells (plus lr, LoRA alpha and dropout) instead of running the matrix")
+    p.add_argument("--trials", type=int, help="--search: number of trials (default 20)")
+    p.add_argument("--memory-budget", help="--search: peak-memory constraint, e.g. 16GiB (infeasible trials are never recommended)")
+    p.add_argument("--step-budget", type=int, help="--search: stop proposing trials once this many training steps are spent (pruned trials cost less)")
+    p.add_argument("--pruner", help="--search with --objectives score: median (default), hyperband or none")
+    p.add_argument("--sampler-seed", type=int, help="--search: seed of the TPE sampler (default 0)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--list", action="store_true", help="list suites, presets, target sets and vision policies, then exit")
     return p

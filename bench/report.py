@@ -6,6 +6,7 @@ Pure functions of the records, so the same records always give the same files.
 from __future__ import annotations
 
 import math
+import warnings
 import shlex
 import sys
 
@@ -283,14 +284,23 @@ def terminal_table(df: pd.DataFrame, console: Console) -> None:
         console.print(table)
 
 
-def write_all(records: list[dict], spec, console: Console) -> None:
+def write_all(records: list[dict], spec, console: Console, study=None) -> None:
     df = frame(records)
     out = spec.out
-    command = "python run_bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""
+    from bench.study import redact
+
+    command = redact("python run_bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])) if sys.argv else ""
     settings = {"steps": spec.train.steps, "batch_size": spec.train.batch_size, "lr": spec.train.lr,
                 "lora_dropout": spec.train.lora_dropout, "alpha_rule": spec.alpha_rule}
     atomic_write_text(out / "results.csv", df.to_csv(index=False, float_format="%.6g"))
     text = markdown(df, records, command, settings)
+    if study is not None and spec.search:
+        text += "\n" + search_markdown(study, spec)
+        if len(spec.objectives) > 1 and any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)):
+            atomic_write_bytes(out / PARETO_PNG, pareto_png(study, spec))
+    elif study is not None:
+        for suite in spec.suites:
+            text += f"\n## Parameter importance: {suite}\n\n" + importance_table(study, spec.objectives, suite)
     for suite in sorted(df.suite.unique()) if not df.empty else []:
         if heatmap_name(suite) in text:
             atomic_write_bytes(out / heatmap_name(suite), heatmap_png(df, suite))
@@ -298,3 +308,127 @@ def write_all(records: list[dict], spec, console: Console) -> None:
     if not df.empty:
         terminal_table(df, console)
     console.print(f"wrote {out / 'results.md'} and {out / 'results.csv'}")
+
+
+# ----------------------------------------------------------------------------- the study's view
+
+
+def _suite_study(study, suite: str | None):
+    """An in-memory copy of the study's finished trials of one suite (importance is per suite)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+              if "run" in t.user_attrs and (suite is None or t.user_attrs.get("suite", suite) == suite)]
+    copy = optuna.create_study(directions=study.directions)
+    copy.add_trials(trials)
+    return copy
+
+
+def importance_table(study, objectives: tuple[str, ...], suite: str | None = None) -> str:
+    """fANOVA importance per objective (explicit targets), plus PED-ANOVA on the Pareto view when
+    there are enough trials; a line saying why when there are too few."""
+    from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator, get_param_importances
+
+    sub = _suite_study(study, suite)
+    trials = sub.trials
+    varying = [p for p in sorted({p for t in trials for p in t.params}) if len({repr(t.params.get(p)) for t in trials}) > 1]
+    if len(trials) < 4 or not varying:
+        return f"Parameter importance: needs at least 4 finished trials with varying parameters (have {len(trials)}).\n"
+    rows = {}
+    for i, objective in enumerate(objectives):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rows[f"{objective} (fANOVA)"] = get_param_importances(
+                sub, evaluator=FanovaImportanceEvaluator(seed=0), params=varying, target=lambda t, i=i: t.values[i])
+    if len(objectives) == 1 and len(trials) >= 10:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rows["score (PED-ANOVA, top 10%)"] = get_param_importances(sub, evaluator=PedAnovaImportanceEvaluator(), params=varying)
+    elif len(objectives) > 1 and len(trials) >= 10:
+        rank = {(tuple(t.values), repr(t.params)): r for r, front in enumerate(_pareto_ranks(sub)) for t in front}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rows["Pareto rank (PED-ANOVA)"] = get_param_importances(
+                sub, evaluator=PedAnovaImportanceEvaluator(), params=varying,
+                target=lambda t: float(rank.get((tuple(t.values), repr(t.params)), 0)))
+    frame_ = pd.DataFrame(rows).T.fillna(0.0)
+    frame_ = frame_[sorted(frame_.columns, key=lambda c: -frame_[c].max())]
+    return "Parameter importance (share of variance explained; per objective):\n\n" + frame_.to_markdown(floatfmt=".2f") + "\n"
+
+
+def _pareto_ranks(study) -> list[list]:
+    """Non-dominated sorting with Optuna's own Pareto front, peeling one front at a time."""
+    import optuna
+
+    remaining = list(study.trials)
+    fronts = []
+    while remaining:
+        peel = optuna.create_study(directions=study.directions)
+        peel.add_trials(remaining)
+        front = peel.best_trials
+        fronts.append(front)
+        ids = {(tuple(t.values), repr(t.params)) for t in front}
+        remaining = [t for t in remaining if (tuple(t.values), repr(t.params)) not in ids]
+    return fronts
+
+
+OBJECTIVE_LABELS = {"score": "score", "memory": "peak MiB", "throughput": "train samples/s"}
+
+
+def search_markdown(study, spec) -> str:
+    """The search's trials, its Pareto front (Optuna's, feasible trials only) and where steps went."""
+    from optuna.trial import TrialState
+
+    trials = [t for t in study.get_trials(deepcopy=False) if "run" in t.user_attrs and not t.user_attrs.get("stale")]
+    lines = ["## Search (Optuna)", ""]
+    pruner = spec.pruner if len(spec.objectives) == 1 else "none (multi-objective)"
+    lines += [f"Sampler: TPE (seed {spec.sampler_seed}); pruner: {pruner}; objectives: "
+              + ", ".join(f"{o} ({d.name.lower()})" for o, d in zip(spec.objectives, study.directions))
+              + (f"; memory budget {spec.memory_budget_mib:.0f} MiB (a constraint)" if spec.memory_budget_mib else ""), ""]
+    rows = []
+    for t in trials:
+        p = t.params
+        feasible = all(v <= 0 for v in t.constraints.values()) if t.constraints else True
+        rows.append({"trial": t.number, "state": t.state.name.lower(), "targets": p.get("targets"), "rank": p.get("rank"),
+                     "vision": p.get("vision"), "lr": p.get("lr"), "alpha/r": p.get("alpha_ratio"), "dropout": p.get("lora_dropout"),
+                     **{OBJECTIVE_LABELS[o]: (t.values[i] if t.values else None) for i, o in enumerate(spec.objectives)},
+                     "steps": t.user_attrs.get("steps_trained"), "feasible": "yes" if feasible else "no"})
+    steps = sum(r["steps"] or 0 for r in rows)
+    matrix_steps = len(spec.cells) * spec.train.steps
+    lines += [f"Trials: {len(rows)}; training steps used: {steps} ({steps / matrix_steps:.0%} of the {len(spec.cells)}-cell matrix's {matrix_steps}).", ""]
+    if rows:
+        lines += [pd.DataFrame(rows).to_markdown(index=False, floatfmt=".3g"), ""]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if complete:
+        best = _suite_study(study, None).best_trials if len(spec.objectives) > 1 else [max(complete, key=lambda t: t.values[0])]
+        title = "Pareto front (feasible trials only; never an infeasible one)" if len(spec.objectives) > 1 else "Best trial"
+        front = [r for r in rows if any((tuple(b.values), repr(b.params)) == (tuple(t.values or ()), repr(t.params))
+                                        for b in best for t in trials if t.number == r["trial"])]
+        shown = pd.DataFrame(front).to_markdown(index=False, floatfmt=".3g") if front else "No feasible trial: every trial broke the memory budget."
+        lines += [f"**{title}**", "", shown, ""]
+        if len(spec.objectives) > 1:
+            lines += [f"![Pareto front]({PARETO_PNG})", ""]
+    lines += [importance_table(study, spec.objectives), ""]
+    return "\n".join(lines)
+
+
+PARETO_PNG = "pareto.png"
+
+
+def pareto_png(study, spec) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from optuna.visualization.matplotlib import plot_pareto_front
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ax = plot_pareto_front(_suite_study(study, None), target_names=[OBJECTIVE_LABELS[o] for o in spec.objectives[:3]])
+    fig = ax.figure
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", metadata={"Software": None}, bbox_inches="tight")
+    matplotlib.pyplot.close(fig)
+    return buffer.getvalue()

@@ -26,7 +26,7 @@ from bench import suites as suite_registry
 from bench.errors import BenchError
 from bench.evaluate import evaluate
 from bench.models import get_adapter
-from bench.space import Cell
+from bench.space import Cell, TrainSettings
 from bench.spec import Spec
 from bench.store import Store, digest
 from bench.suite_data import content_digest, describe, read_split
@@ -64,8 +64,8 @@ class SuiteRun:
     def base_key(self) -> str:
         return f"base-{digest(self.identity)}"
 
-    def key(self, spec: Spec, cell: Cell, seed: int) -> str:
-        payload = {**self.identity, "train": spec.train.to_dict(), "cell": cell.to_dict(), "seed": seed}
+    def key(self, spec: Spec, cell: Cell, seed: int, train: TrainSettings | None = None) -> str:
+        payload = {**self.identity, "train": (train or spec.train).to_dict(), "cell": cell.to_dict(), "seed": seed}
         return f"{cell.name}-s{seed}-{digest(payload)}"
 
 
@@ -90,79 +90,101 @@ def encode_split(adapter, suite, data_dir: Path, split: str):
     return examples
 
 
-def run(spec: Spec, console: Console | None = None) -> Path:
-    console = console or Console()
-    quiet_libraries()
-    check_out_folder(spec.out)
-    if spec.device.type == "cpu":
-        torch.set_flush_denormal(True)  # denormals stalled CPU steps for seconds in measurements
+class Session:
+    """What the runs of one process share: the base model (loaded once), the accelerator, the prepared
+    suites and the results store. :meth:`run` executes one run, or returns its record if one exists."""
 
-    adapter = get_adapter(spec.model)
-    adapter.load(spec.device)
-    base_model = adapter.model
-    resolutions = {cell: resolve(base_model, adapter.roles, cell) for cell in spec.cells}
-    _print_plan(console, spec, adapter, resolutions)
+    def __init__(self, spec: Spec, console: Console):
+        self.spec, self.console = spec, console
+        quiet_libraries()
+        if spec.device.type == "cpu":
+            torch.set_flush_denormal(True)  # denormals stalled CPU steps for seconds in measurements
+        self.adapter = get_adapter(spec.model)
+        self.adapter.load(spec.device)
+        self.resolutions = {cell: resolve(self.adapter.model, self.adapter.roles, cell) for cell in spec.cells}
+        _print_plan(console, spec, self.adapter, self.resolutions)
 
-    from accelerate import Accelerator
+        from accelerate import Accelerator
 
-    mixed = "bf16" if spec.device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
-    accelerator = Accelerator(cpu=spec.device.type == "cpu", mixed_precision=mixed)
-    store = Store(spec.out)
-    store.clean_temporaries()
-    context = {"machine": machine.describe(accelerator.device), "versions": machine.versions(), "mixed_precision": mixed}
+        self.mixed = "bf16" if spec.device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+        self.accelerator = Accelerator(cpu=spec.device.type == "cpu", mixed_precision=self.mixed)
+        self.store = Store(spec.out)
+        self.context = {"machine": machine.describe(self.accelerator.device), "versions": machine.versions(),
+                        "mixed_precision": self.mixed}
+        self.suite_runs: dict[str, SuiteRun] = {}
+        self._examples: tuple[str, list] | None = None  # one suite's training examples at a time
 
-    with progress_bar(console) as progress:
-        suite_runs = []
-        prep = progress.add_task("prepare data", total=len(spec.suites), info="")
-        for name in spec.suites:
+    def prepare(self, progress: Progress) -> None:
+        prep = progress.add_task("prepare data", total=len(self.spec.suites), info="")
+        for name in self.spec.suites:
             suite = suite_registry.get(name)
             progress.update(prep, info=name)
-            data_dir = suite.prepare(spec.train.train_items, spec.train.test_items, spec.data, spec.limit, progress.console)
-            identity = {"suite": suite.name, "data": content_digest(data_dir), "model": adapter.fingerprint(),
-                        "device": accelerator.device.type, "precision": mixed}
-            suite_runs.append(SuiteRun(suite, data_dir, identity, describe(data_dir)))
+            data_dir = suite.prepare(self.spec.train.train_items, self.spec.train.test_items, self.spec.data,
+                                     self.spec.limit, progress.console)
+            identity = {"suite": suite.name, "data": content_digest(data_dir), "model": self.adapter.fingerprint(),
+                        "device": self.accelerator.device.type, "precision": self.mixed}
+            self.suite_runs[name] = SuiteRun(suite, data_dir, identity, describe(data_dir))
             progress.advance(prep)
         progress.remove_task(prep)
 
-        pending = [
-            (sr, cell, seed)
-            for sr in suite_runs
-            for cell in spec.cells
-            for seed in spec.seeds
-            if not store.is_done(sr.suite.name, sr.key(spec, cell, seed))
-        ]
-        pending_base = [sr for sr in suite_runs if not store.is_done(sr.suite.name, sr.base_key())]
-        skipped = spec.n_runs - len(pending)
-        if skipped:
-            progress.console.print(f"[dim]{skipped} of {spec.n_runs} runs already recorded in {spec.out}; skipping them[/dim]")
+    def runs(self) -> list[tuple[SuiteRun, Cell, int]]:
+        """Every run of the matrix, in a stable order."""
+        return [(sr, cell, seed) for sr in self.suite_runs.values() for cell in self.spec.cells for seed in self.spec.seeds]
 
-        overall = progress.add_task("runs", total=len(pending) + len(pending_base), info="")
-        for sr in suite_runs:
-            todo = [(cell, seed) for (s, cell, seed) in pending if s is sr]
-            if sr not in pending_base and not todo:
-                continue
-            examples = None
-            if todo:
-                progress.update(overall, info=f"{sr.suite.name}: reading training data")
-                examples = encode_split(adapter, sr.suite, sr.data_dir, "train")
-            if sr in pending_base:
-                progress.update(overall, info=f"{sr.suite.name}: base model")
-                store.put(_evaluate_base(spec, adapter, sr, accelerator, progress, context))
-                progress.advance(overall)
-            for cell, seed in todo:
-                progress.update(overall, info=f"{sr.suite.name}: {cell.name} seed {seed}")
-                record = _one_run(spec, adapter, sr, cell, seed, resolutions[cell], examples, accelerator, progress, context)
-                store.put(record)
-                if record["status"] != "ok":
-                    progress.console.print(f"[yellow]{cell.name} seed {seed}: {record['status']}: {record['error']}[/yellow]")
-                progress.advance(overall)
+    def keys(self) -> dict[str, set[str]]:
+        return {sr.suite.name: {sr.base_key()} | {sr.key(self.spec, c, s) for c in self.spec.cells for s in self.spec.seeds}
+                for sr in self.suite_runs.values()}
 
-    keys = {sr.suite.name: {sr.base_key()} | {sr.key(spec, c, s) for c in spec.cells for s in spec.seeds} for sr in suite_runs}
-    records = [r for r in store.all() if r.get("key") in keys.get(r.get("suite"), set())]
-    sources = {sr.suite.name: sr.source for sr in suite_runs}
-    for r in records:  # records written before data_source existed
-        r.setdefault("data_source", sources[r["suite"]])
-    report.write_all(records, spec, console)
+    def base(self, sr: SuiteRun, progress: Progress) -> dict:
+        record = self.store.get(sr.suite.name, sr.base_key())
+        if record is None or record.get("status") != "ok":
+            progress.console.print(f"[dim]{sr.suite.name}: scoring the base model[/dim]")
+            record = _evaluate_base(self.spec, self.adapter, sr, self.accelerator, progress, self.context)
+            self.store.put(record)
+        return record
+
+    def run(self, sr: SuiteRun, cell: Cell, seed: int, progress: Progress, train: TrainSettings | None = None,
+            on_step=None) -> dict:
+        """``train`` overrides the matrix's settings (search trials); ``on_step(step, loss, model)`` may
+        raise ``optuna.TrialPruned`` to stop the run early (recorded as ``pruned``)."""
+        self.executed = False
+        record = self.store.get(sr.suite.name, sr.key(self.spec, cell, seed, train))
+        if record is not None and self.store.is_done(sr.suite.name, record["key"]):
+            return record
+        self.executed = True
+        if self._examples is None or self._examples[0] != sr.suite.name:
+            self._examples = None  # free the previous suite's examples first
+            self._examples = (sr.suite.name, encode_split(self.adapter, sr.suite, sr.data_dir, "train"))
+        if cell not in self.resolutions:
+            self.resolutions[cell] = resolve(self.adapter.model, self.adapter.roles, cell)
+        record = _one_run(self.spec, self.adapter, sr, cell, seed, self.resolutions[cell], self._examples[1],
+                          self.accelerator, progress, self.context, on_step, train or self.spec.train)
+        self.store.put(record)
+        if record["status"] != "ok":
+            progress.console.print(f"[yellow]{cell.name} seed {seed}: {record['status']}: {record['error']}[/yellow]")
+        return record
+
+    def records(self, keys: dict[str, set[str]] | None = None) -> list[dict]:
+        keys = keys or self.keys()
+        records = [r for r in self.store.all() if r.get("key") in keys.get(r.get("suite"), set())]
+        for r in records:  # records written before data_source existed
+            r.setdefault("data_source", self.suite_runs[r["suite"]].source)
+        return records
+
+
+def run(spec: Spec, console: Console | None = None) -> Path:
+    """Run the matrix through an Optuna study (bench/study.py): this process is one of its workers."""
+    from bench import study
+
+    console = console or Console()
+    check_out_folder(spec.out)
+    session = Session(spec, console)
+    with progress_bar(console) as progress:
+        session.prepare(progress)
+        session.store.check_writable()
+        session.store.clean_temporaries()
+        worker = study.work(session, progress)
+    report.write_all(session.records(worker.keys()), spec, console, worker.study)
     return spec.out
 
 
@@ -216,20 +238,31 @@ def _evaluate(spec, adapter, model, sr: SuiteRun, accelerator, progress, label: 
         progress.remove_task(task)
 
 
-def _one_run(spec: Spec, adapter, sr: SuiteRun, cell: Cell, seed: int, resolution, examples, accelerator, progress, context) -> dict:
+def _one_run(spec: Spec, adapter, sr: SuiteRun, cell: Cell, seed: int, resolution, examples, accelerator, progress, context,
+             on_step=None, settings: TrainSettings | None = None) -> dict:
+    import optuna
+
+    settings = settings or spec.train
     from accelerate.utils import set_seed
 
-    record = _base_record(spec, sr, context, sr.key(spec, cell, seed), "cell")
-    record.update(cell=cell.to_dict(), seed=seed, train=spec.train.to_dict(),
+    record = _base_record(spec, sr, context, sr.key(spec, cell, seed, settings), "cell")
+    record.update(cell=cell.to_dict(), seed=seed, train=settings.to_dict(),
                   resolution={"lora_modules": len(resolution.lora), "lora_examples": resolution.lora[:4], "full": resolution.full})
     total = sum(p.numel() for p in adapter.model.parameters())
     set_seed(seed)
     wall = time.perf_counter()
-    peft_model = attach(adapter.model, resolution, cell, spec.train.lora_dropout, seed)
-    steps_task = progress.add_task(f"  train {cell.name} s{seed}", total=spec.train.steps, info="")
+    peft_model = attach(adapter.model, resolution, cell, settings.lora_dropout, seed)
+    steps_task = progress.add_task(f"  train {cell.name} s{seed}", total=settings.steps, info="")
     try:
-        result = train(adapter, peft_model, examples, spec.train, seed, accelerator,
-                       on_step=lambda step, loss: progress.update(steps_task, completed=step, info=f"loss {loss:.3f}"))
+        trained = [0]
+
+        def step_done(step: int, loss: float) -> None:
+            trained[0] = step
+            progress.update(steps_task, completed=step, info=f"loss {loss:.3f}")
+            if on_step:
+                on_step(step, loss, peft_model)
+
+        result = train(adapter, peft_model, examples, settings, seed, accelerator, on_step=step_done)
         progress.remove_task(steps_task)
         evaluation = _evaluate(spec, adapter, peft_model, sr, accelerator, progress, cell.name)
         record.update(
@@ -237,9 +270,11 @@ def _one_run(spec: Spec, adapter, sr: SuiteRun, cell: Cell, seed: int, resolutio
             peak_mem_mib=result.peak_mem_mib, peak_reserved_mib=result.peak_reserved_mib,
             peak_delta_mib=result.peak_delta_mib, memory_kind=result.memory_kind,
             train_samples_per_s=result.samples_per_s, train_tokens_per_s=result.tokens_per_s, train_s=result.train_s,
-            eval_items_per_s=evaluation.items_per_s, eval_s=evaluation.seconds, losses=result.losses,
+            eval_items_per_s=evaluation.items_per_s, eval_s=evaluation.seconds, losses=result.losses, steps_trained=settings.steps,
             items=evaluation.items,
         )
+    except optuna.TrialPruned as exc:
+        record.update(status="pruned", error=str(exc) or "pruned", score=None, steps_trained=trained[0])
     except Diverged as exc:
         record.update(status="diverged", error=str(exc), score=None)
     except torch.cuda.OutOfMemoryError as exc:

@@ -32,6 +32,15 @@ class Spec:
     alpha_rule: str
     data: Path | None = None  # a real dataset for the (single) suite, instead of its generator
     limit: int | None = None  # at most this many items per split
+    storage: str | None = None  # Optuna storage URL; None = a journal file in the output folder
+    worker: bool = False  # join an existing study only
+    objectives: tuple[str, ...] = ("score", "memory", "throughput")
+    search: str | None = None  # "optuna": a sampler proposes cells (plus lr, alpha, dropout) instead of the matrix
+    trials: int = 20
+    memory_budget_mib: float | None = None  # a constraint on peak memory, never an objective
+    sampler_seed: int = 0
+    pruner: str = "median"
+    step_budget: int | None = None  # --search: stop proposing trials once this many training steps are spent
     eval_batch_size: int = 64
 
     @property
@@ -51,7 +60,7 @@ def _split(value: str | None, cast=str, what: str = "") -> list | None:
         raise BenchError(f"--{what} {value!r} has a value that is not a {cast.__name__}; e.g. --{what} {_EXAMPLES[what]}") from None
 
 
-_EXAMPLES = {"suite": "docvqa", "targets": "qk,qv", "ranks": "4,16", "vision": "frozen,resampler", "seeds": "0,1,2"}
+_EXAMPLES = {"objectives": "score,memory", "suite": "docvqa", "targets": "qk,qv", "ranks": "4,16", "vision": "frozen,resampler", "seeds": "0,1,2"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -110,6 +119,30 @@ def from_args(args) -> Spec:
     limit = getattr(args, "limit", None)
     if limit is not None and limit <= 0:
         raise BenchError(f"--limit must be positive (got {limit})")
+    storage = getattr(args, "storage", None)
+    if storage is not None and not storage.split(":", 1)[0].split("+")[0] in ("postgresql", "mysql", "sqlite"):
+        raise BenchError(f"--storage must be a database URL such as postgresql://user@host/db (got {storage.split(':', 1)[0]}:...); "
+                         "omit it to use a journal file in the output folder")
+    from bench.study import OBJECTIVES
+
+    objectives = _split(getattr(args, "objectives", None), str, "objectives") or ["score", "memory", "throughput"]
+    for o in objectives:
+        if o not in OBJECTIVES:
+            raise BenchError(f"unknown objective {o!r}; choose from {', '.join(OBJECTIVES)}")
+    search = getattr(args, "search", None)
+    if search is not None and search != "optuna":
+        raise BenchError(f"--search {search!r} is not a search method; use --search optuna")
+    if search and len(suite_names) != 1:
+        raise BenchError(f"--search optimises one suite, but --suite names {len(suite_names)}; run one search per suite")
+    trials = getattr(args, "trials", None) or 20
+    if trials <= 0:
+        raise BenchError(f"--trials must be positive (got {trials})")
+    pruner = getattr(args, "pruner", None) or "median"
+    if pruner not in ("median", "hyperband", "none"):
+        raise BenchError(f"--pruner {pruner!r} is unknown; choose median, hyperband or none")
+    if getattr(args, "step_budget", None) is not None and args.step_budget <= 0:
+        raise BenchError(f"--step-budget must be positive (got {args.step_budget})")
+    budget = parse_memory(args.memory_budget) if getattr(args, "memory_budget", None) else None
     if train.warmup_steps > train.steps:
         train = dataclasses.replace(train, warmup_steps=max(1, train.steps // 10))
     return Spec(
@@ -124,4 +157,28 @@ def from_args(args) -> Spec:
         alpha_rule=args.alpha,
         data=data,
         limit=limit,
+        storage=storage,
+        worker=bool(getattr(args, "worker", False)),
+        objectives=tuple(dict.fromkeys(objectives)),
+        search=search,
+        trials=trials,
+        memory_budget_mib=budget,
+        sampler_seed=getattr(args, "sampler_seed", None) or 0,
+        pruner=pruner,
+        step_budget=getattr(args, "step_budget", None),
     )
+
+
+_UNITS = {"b": 1 / 2**20, "kib": 1 / 1024, "mib": 1, "gib": 1024, "tib": 1024**2,
+          "kb": 1e3 / 2**20, "mb": 1e6 / 2**20, "gb": 1e9 / 2**20, "tb": 1e12 / 2**20}
+
+
+def parse_memory(text: str) -> float:
+    """``16GiB``, ``512MiB``, ``1.5GB`` -> MiB."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if not match or unit not in _UNITS or float(match.group(1)) <= 0:
+        raise BenchError(f"--memory-budget {text!r} is not a memory size; write e.g. 16GiB, 512MiB or 1.5GB")
+    return float(match.group(1)) * _UNITS[unit]

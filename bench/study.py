@@ -1,0 +1,447 @@
+"""Optuna is how runs are distributed: one study per matrix, any number of workers on it.
+
+Every run of the matrix is a trial, enqueued with its cell as params and its run key as a user
+attribute. Workers (this process, the same command started again on the same ``--out``, or
+``--worker`` processes on other machines sharing ``--storage``) pull waiting trials with ``ask``,
+execute them through the same :meth:`bench.runner.Session.run` and ``tell`` the outcome. A trial
+whose worker died (its pid is gone on this host, or its heartbeat is older than the grace period) is
+failed and its run enqueued again; a run whose record exists is never executed twice. The records
+travel in the trials, so every worker can write the same final tables.
+
+Storage: a JournalStorage file in the output folder by default (safe for several local processes);
+``--storage postgresql://...`` or ``mysql://...`` for several machines. GridSampler is not used: with
+several workers it leaves holes and duplicates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+
+from bench.errors import BenchError
+from bench.store import digest
+
+OBJECTIVES = {"score": "maximize", "memory": "minimize", "throughput": "maximize"}
+HEARTBEAT_S = float(os.environ.get("BENCH_HEARTBEAT_S", 15))
+GRACE_S = float(os.environ.get("BENCH_GRACE_S", 120))  # a remote worker silent this long is dead
+POLL_S = 2.0
+PRUNE_ITEMS = 128  # test items scored at each intermediate report (the final score uses all)
+HOST = socket.gethostname()
+
+
+def redact(url: str) -> str:
+    """A storage URL without its password, for messages and reports."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+def make_storage(spec):
+    import optuna
+
+    if spec.storage is None:
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        return JournalStorage(JournalFileBackend(str(Path(spec.out) / "study.journal")))
+    try:
+        return optuna.storages.RDBStorage(spec.storage, engine_kwargs={"pool_pre_ping": True})
+    except Exception as exc:  # sqlalchemy raises many types; none should print the URL's password
+        reason = redact(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__
+        raise BenchError(f"cannot open --storage {redact(spec.storage)} ({reason}); check the URL, the server and the driver (pip install 'psycopg[binary]' or pymysql)") from None
+
+
+def study_name(session) -> str:
+    spec = session.spec
+    identity = {
+        "suites": [{k: v for k, v in sr.identity.items() if k not in ("device", "precision")} for sr in session.suite_runs.values()],
+        "cells": [c.to_dict() for c in spec.cells], "seeds": list(spec.seeds), "train": spec.train.to_dict(),
+    }
+    if spec.search:
+        identity.update(objectives=list(spec.objectives), budget=spec.memory_budget_mib, sampler_seed=spec.sampler_seed,
+                        pruner=spec.pruner)
+        return f"search-{digest(identity)}"
+    return f"{spec.preset}-{digest(identity)}"
+
+
+def make_sampler(spec):
+    """TPE (multi-objective when several objectives; it honours ``trial.set_constraint``), seeded."""
+    import optuna
+
+    return optuna.samplers.TPESampler(seed=spec.sampler_seed, n_startup_trials=min(5, max(2, spec.trials // 4)))
+
+
+def make_pruner(spec):
+    """Median by default: with the few trials a benchmark affords (10-30), Hyperband's brackets each
+    see too few trials to rank them, while the median rule prunes from the 4th trial on."""
+    import optuna
+
+    if spec.pruner == "none" or len(spec.objectives) > 1:
+        return optuna.pruners.NopPruner()
+    if spec.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, spec.train.steps // 4), max_resource=spec.train.steps)
+    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=max(1, spec.train.steps // 4) - 1)
+
+
+@contextlib.contextmanager
+def _local_lock(out: Path):
+    """Serialises enqueueing and stale-trial recovery between processes on this machine."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".study.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _alive(trial) -> bool:
+    worker = trial.user_attrs.get("worker") or {}
+    if worker.get("host") == HOST and worker.get("pid"):
+        try:
+            os.kill(int(worker["pid"]), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    beat = trial.user_attrs.get("heartbeat") or (trial.datetime_start.timestamp() if trial.datetime_start else 0)
+    return time.time() - beat < GRACE_S
+
+
+class Worker:
+    def __init__(self, session, progress):
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.session, self.spec, self.progress = session, session.spec, progress
+        self.storage = make_storage(self.spec)
+        self.name = study_name(session)
+        self.runs = {sr.key(self.spec, cell, seed): (sr, cell, seed) for sr, cell, seed in session.runs()}
+        directions = [OBJECTIVES[o] for o in self.spec.objectives]
+        if self.spec.worker:
+            try:
+                self.study = optuna.load_study(study_name=self.name, storage=self.storage)
+            except KeyError:
+                raise BenchError(f"--worker: no study {self.name} for this matrix in the storage; start it with the same command without --worker") from None
+        else:
+            self.study = optuna.create_study(study_name=self.name, storage=self.storage, directions=directions, load_if_exists=True,
+                                             sampler=make_sampler(self.spec), pruner=make_pruner(self.spec))
+        self.study.sampler, self.study.pruner = make_sampler(self.spec), make_pruner(self.spec)
+        if [d.name.lower() for d in self.study.directions] != directions:
+            raise BenchError(f"study {self.name} optimises {[d.name.lower() for d in self.study.directions]}, not {directions}; use the same --objectives or another --out")
+
+    # ------------------------------------------------------------------ queue
+
+    def _trials(self, states=None):
+        return [t for t in self.study.get_trials(deepcopy=False, states=states) if "run" in t.user_attrs]
+
+    def sync(self, initial: bool) -> None:
+        """Fail trials of dead workers; enqueue each run that is neither done, waiting nor running.
+
+        The first sync of a process also retries runs that failed (as a rerun of the command always
+        did); later syncs only re-enqueue runs whose worker died.
+        """
+        from optuna.trial import TrialState
+
+        with _local_lock(Path(self.spec.out)):
+            for t in self._trials((TrialState.RUNNING,)):
+                if not _alive(t):
+                    with contextlib.suppress(Exception):  # another worker failed it first
+                        self.storage.set_trial_user_attr(t._trial_id, "stale", True)
+                        self.study.tell(t.number, state=TrialState.FAIL)
+            trials = self._trials()
+            busy = {t.user_attrs["run"] for t in trials if t.state in (TrialState.WAITING, TrialState.COMPLETE)
+                    or (t.state == TrialState.RUNNING and _alive(t))}
+            stale = {t.user_attrs["run"] for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("stale")}
+            if self.spec.search:  # a dead worker's trial is proposed again, once, with the same params
+                everything = self.study.get_trials(deepcopy=False)
+                retried = {t.user_attrs.get("retry_of") for t in everything}
+                for t in trials:
+                    if t.state == TrialState.FAIL and t.user_attrs.get("stale") and t.number not in retried:
+                        self.study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+                return
+            for key, (sr, cell, seed) in self.runs.items():
+                if key not in busy and (initial or key in stale):
+                    # a run whose record exists completes at once when pulled, carrying its record
+                    self.study.enqueue_trial(self._params(cell), user_attrs={"run": key, "suite": sr.suite.name, "seed": seed})
+
+    def _params(self, cell) -> dict:
+        return {"targets": cell.targets, "rank": cell.rank, "vision": cell.vision}
+
+    def _suggest(self, trial) -> None:
+        """Record the cell as the trial's params (for importance and the dashboard)."""
+        spec = self.spec
+        trial.suggest_categorical("targets", sorted({c.targets for c in spec.cells}))
+        trial.suggest_categorical("rank", sorted({c.rank for c in spec.cells}))
+        trial.suggest_categorical("vision", sorted({c.vision for c in spec.cells}))
+
+    # ------------------------------------------------------------------ loop
+
+    def next_trial(self):
+        """A claimed waiting trial, or None when nothing is waiting."""
+        from optuna.trial import TrialState
+
+        while self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            trial = self.study.ask()
+            if "run" not in trial.user_attrs:  # another worker popped the last waiting trial first
+                trial.set_user_attr("idle", True)
+                self.study.tell(trial, state=TrialState.FAIL)
+                continue
+            trial.set_user_attr("worker", {"host": HOST, "pid": os.getpid()})
+            trial.set_user_attr("heartbeat", time.time())
+            return trial
+        return None
+
+    def duplicate_of(self, trial) -> int | None:
+        from optuna.trial import TrialState
+
+        for t in self._trials((TrialState.COMPLETE, TrialState.RUNNING)):
+            if t.number != trial.number and t.user_attrs["run"] == trial.user_attrs["run"]:
+                if t.state == TrialState.COMPLETE or (_alive(t) and t.number < trial.number):
+                    return t.number
+        return None
+
+    def execute(self, trial) -> None:
+        from optuna.trial import TrialState
+
+        self._suggest(trial)
+        key = trial.user_attrs["run"]
+        other = self.duplicate_of(trial)
+        if other is not None:
+            trial.set_user_attr("duplicate_of", other)
+            self.study.tell(trial, state=TrialState.FAIL)
+            return
+        sr, cell, seed = self.runs[key]
+        self.progress.update(self.task, info=f"{sr.suite.name}: {cell.name} seed {seed}")
+        record = self._run_with_heartbeat(trial, lambda: self.session.run(sr, cell, seed, self.progress))
+        trial.set_user_attr("executed", self.session.executed)  # False: its record already existed
+        trial.set_user_attr("status", record["status"])
+        trial.set_user_attr("record", json.dumps(record))
+        if record["status"] == "ok":
+            values = {"score": record["score"], "memory": record["peak_mem_mib"], "throughput": record["train_samples_per_s"]}
+            self.study.tell(trial, [values[o] for o in self.spec.objectives])
+        else:
+            trial.set_user_attr("error", record.get("error"))
+            self.study.tell(trial, state=TrialState.FAIL)
+
+    def _heartbeat(self, trial, stop: threading.Event) -> None:
+        while not stop.wait(HEARTBEAT_S):
+            with contextlib.suppress(Exception):
+                trial.set_user_attr("heartbeat", time.time())
+
+    def finished(self) -> int:
+        from optuna.trial import TrialState
+
+        done = set()
+        for t in self._trials((TrialState.COMPLETE, TrialState.FAIL)):
+            if t.state == TrialState.COMPLETE or t.user_attrs.get("status"):
+                done.add(t.user_attrs["run"])
+        return len(done & set(self.runs))
+
+    def loop(self) -> None:
+        from optuna.trial import TrialState
+
+        self.sync(initial=True)
+        recorded = sum(self.session.store.is_done(sr.suite.name, key) for key, (sr, _, _) in self.runs.items())
+        if recorded:
+            self.progress.console.print(f"[dim]{recorded} of {len(self.runs)} runs already recorded in {self.spec.out}; skipping them[/dim]")
+        for sr in self.session.suite_runs.values():
+            self.base(sr)
+        self.task = self.progress.add_task("runs", total=len(self.runs), info="")
+        while True:
+            self.progress.update(self.task, completed=self.finished())
+            trial = self.next_trial()
+            if trial is not None:
+                self.execute(trial)
+                continue
+            if not self._trials((TrialState.RUNNING,)):
+                self.sync(initial=False)
+                if not self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+                    break
+                continue
+            self.progress.update(self.task, info="waiting for other workers")
+            time.sleep(POLL_S)
+            self.sync(initial=False)
+        self.progress.update(self.task, completed=self.finished())
+        self.materialize()
+
+    def base(self, sr) -> None:
+        """The base model's score, once per study: the first worker's record is everyone's."""
+        attr = f"base:{sr.suite.name}:{sr.base_key()}"
+        with _local_lock(Path(self.spec.out)):
+            shared = self.study.user_attrs.get(attr)
+            if shared is not None:
+                _put_if_changed(self.session.store, json.loads(shared))
+                return
+            record = self.session.base(sr, self.progress)
+            self.study.set_user_attr(attr, json.dumps(record))
+
+    def keys(self) -> dict[str, set[str]]:
+        """The record keys this study's tables cover: the matrix's runs, or the search's trials."""
+        keys = self.session.keys()
+        if self.spec.search:
+            (sr,) = self.session.suite_runs.values()
+            keys = {sr.suite.name: {sr.base_key()} | {t.user_attrs["run"] for t in self._trials() if not t.user_attrs.get("stale")}}
+        return keys
+
+    # ------------------------------------------------------------------ search
+
+    def propose(self, trial):
+        """A cell and training settings from the sampler: the matrix's factors plus learning rate,
+        LoRA alpha (as a multiple of the rank) and dropout, as continuous parameters."""
+        import dataclasses
+
+        from bench.space import Cell
+
+        spec = self.spec
+        targets = trial.suggest_categorical("targets", sorted({c.targets for c in spec.cells}))
+        rank = trial.suggest_categorical("rank", sorted({c.rank for c in spec.cells}))
+        vision = trial.suggest_categorical("vision", sorted({c.vision for c in spec.cells}))
+        lr = trial.suggest_float("lr", spec.train.lr / 10, spec.train.lr * 10, log=True)
+        alpha_ratio = trial.suggest_float("alpha_ratio", 0.5, 4.0, log=True)
+        dropout = trial.suggest_float("lora_dropout", 0.0, 0.2)
+        cell = Cell(targets, rank, round(alpha_ratio * rank, 3), vision)
+        return cell, dataclasses.replace(spec.train, lr=lr, lora_dropout=dropout)
+
+    def _pruning_hook(self, trial, sr):
+        """Report a quick score on PRUNE_ITEMS test items every quarter of the run; stop when the pruner says so."""
+        import optuna
+
+        from bench.evaluate import evaluate
+
+        if len(self.spec.objectives) > 1 or self.spec.pruner == "none":
+            return None
+        every = max(1, self.spec.train.steps // 4)
+
+        def hook(step: int, loss: float, model) -> None:
+            if step % every or step == self.spec.train.steps:
+                return
+            quick = evaluate(self.session.adapter, model, sr.suite, sr.data_dir, self.session.accelerator.device,
+                             limit=PRUNE_ITEMS, batch_size=self.spec.eval_batch_size)
+            trial.report(quick.score, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at step {step} (quick {sr.suite.metric} {quick.score:.3f})")
+
+        return hook
+
+    def search_trial(self, trial, sr) -> None:
+        from optuna.trial import TrialState
+
+        cell, train = self.propose(trial)
+        seed = self.spec.seeds[0]
+        key = sr.key(self.spec, cell, seed, train)
+        trial.set_user_attr("run", key)
+        self.progress.update(self.task, info=f"trial {trial.number}: {cell.name} lr {train.lr:.1e}")
+        record = self._run_with_heartbeat(trial, lambda: self.session.run(sr, cell, seed, self.progress, train=train,
+                                                                           on_step=self._pruning_hook(trial, sr)))
+        trial.set_user_attr("executed", self.session.executed)
+        trial.set_user_attr("status", record["status"])
+        trial.set_user_attr("steps_trained", record.get("steps_trained"))
+        trial.set_user_attr("record", json.dumps(record))
+        if self.spec.memory_budget_mib is not None:
+            peak = record.get("peak_mem_mib")
+            over = (peak - self.spec.memory_budget_mib) if peak is not None else (1.0 if record["status"] == "oom" else 0.0)
+            trial.set_constraint("memory", over)
+        if record["status"] == "ok":
+            values = {"score": record["score"], "memory": record["peak_mem_mib"], "throughput": record["train_samples_per_s"]}
+            self.study.tell(trial, [values[o] for o in self.spec.objectives])
+        elif record["status"] == "pruned":
+            self.study.tell(trial, state=TrialState.PRUNED)
+        else:
+            trial.set_user_attr("error", record.get("error"))
+            self.study.tell(trial, state=TrialState.FAIL)
+
+    def _counted(self) -> int:
+        """Trials that count towards --trials: finished ones and live running ones."""
+        from optuna.trial import TrialState
+
+        n = 0
+        for t in self.study.get_trials(deepcopy=False):
+            if t.user_attrs.get("idle") or t.user_attrs.get("stale") or "run" not in t.user_attrs:
+                continue
+            if t.state != TrialState.RUNNING or _alive(t):
+                n += 1
+        return n
+
+    def steps_used(self) -> int:
+        """Training steps spent by the search: finished trials' steps, plus a full run per live trial."""
+        from optuna.trial import TrialState
+
+        used = 0
+        for t in self._trials():
+            if t.user_attrs.get("stale") or t.user_attrs.get("idle"):
+                continue
+            if t.state == TrialState.RUNNING:
+                used += self.spec.train.steps if _alive(t) else 0
+            elif t.user_attrs.get("executed") is not False:
+                used += t.user_attrs.get("steps_trained") or 0
+        return used
+
+    def search_loop(self) -> None:
+        from optuna.trial import TrialState
+
+        (sr,) = self.session.suite_runs.values()
+        self.base(sr)
+        self.task = self.progress.add_task("trials", total=self.spec.trials, info="")
+        while True:
+            self.sync(initial=False)
+            counted = self._counted()
+            self.progress.update(self.task, completed=min(counted, self.spec.trials))
+            over_budget = self.spec.step_budget is not None and self.steps_used() + self.spec.train.steps > self.spec.step_budget
+            if (counted >= self.spec.trials or over_budget) and not self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+                if not any(_alive(t) for t in self._trials((TrialState.RUNNING,))):
+                    break
+                self.progress.update(self.task, info="waiting for other workers")
+                time.sleep(POLL_S)
+                continue
+            trial = self.study.ask()
+            trial.set_user_attr("worker", {"host": HOST, "pid": os.getpid()})
+            trial.set_user_attr("heartbeat", time.time())
+            self.search_trial(trial, sr)
+        self.materialize()
+
+    def _run_with_heartbeat(self, trial, fn):
+        stop = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(trial, stop), daemon=True)
+        beat.start()
+        try:
+            return fn()
+        finally:
+            stop.set()
+            beat.join()
+
+    def materialize(self) -> None:
+        """Write records that other machines' workers produced into this output folder."""
+        from optuna.trial import TrialState
+
+        store = self.session.store
+        for sr in self.session.suite_runs.values():  # two machines may have scored the base at once
+            shared = self.study.user_attrs.get(f"base:{sr.suite.name}:{sr.base_key()}")
+            if shared is not None:
+                _put_if_changed(store, json.loads(shared))
+        for t in self._trials((TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)):
+            if "record" not in t.user_attrs or (t.user_attrs["run"] not in self.runs and not self.spec.search):
+                continue
+            record = json.loads(t.user_attrs["record"])
+            if not store.is_done(record["suite"], record["key"]):
+                store.put(record)
+
+
+def _put_if_changed(store, record: dict) -> None:
+    from bench.store import SCHEMA
+
+    if store.get(record["suite"], record["key"]) != {"schema": SCHEMA, **record}:
+        store.put(record)
+
+
+def work(session, progress):
+    """Run this process's share of the study; returns the worker (its study feeds the report)."""
+    worker = Worker(session, progress)
+    worker.search_loop() if session.spec.search else worker.loop()
+    return worker
