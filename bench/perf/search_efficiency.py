@@ -53,7 +53,7 @@ def search(suite: str, seed: int, budget: int, out: Path, extra: list[str]) -> d
     cmd = [sys.executable, str(ROOT / "run_bench.py"), "--suite", suite, "--search", "optuna", "--objectives", "score",
            "--trials", "1000", "--step-budget", str(budget), "--sampler-seed", str(seed), "--out", str(out), *extra]
     print("$", " ".join(cmd[1:]), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    subprocess.run(cmd, check=True)
     trials = [r for r in _records(out, suite) if r.get("kind") == "cell"]
     done = [r for r in trials if r["status"] == "ok"]
     best = max(done, key=lambda r: r["score"]) if done else None
