@@ -96,8 +96,8 @@ def test_textvqa_answer_is_painted_in_the_scene():
     kinds = set()
     for item in signs(150, seed=0):
         answer = item["answers"][0]
-        assert answer == answer.lower() and 2 <= len(answer) <= 4
-        glyphs = _glyphs(answer.upper(), TRACKING)
+        assert answer == answer.upper() and 2 <= len(answer) <= 4
+        glyphs = _glyphs(answer, TRACKING)
         assert any(_contains(_painted(item["image"], c), glyphs) for c in TEXT_COLORS), item["question"]
         if item["qtype"] == "sign":
             color = item["question"].split()[3]
