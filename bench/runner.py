@@ -178,6 +178,8 @@ def run(spec: Spec, console: Console | None = None) -> Path:
 
     console = console or Console()
     check_out_folder(spec.out)
+    if spec.storage:
+        study.make_storage(spec)  # an unreachable database fails here, before the model loads or --out exists
     session = Session(spec, console)
     with progress_bar(console) as progress:
         session.prepare(progress)

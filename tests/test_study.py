@@ -178,3 +178,13 @@ def test_search_respects_budgets_and_constraints(tmp_path):
     for t in trials:
         assert t.state.name in ("COMPLETE", "PRUNED")
         assert t.state.name == "COMPLETE" or t.user_attrs["steps_trained"] < 8
+
+
+def test_unreachable_storage_is_one_line_without_the_password(tmp_path):
+    from tests.conftest import run_cli
+
+    out = tmp_path / "out"
+    done = run_cli(*SMOKE, "--storage", "postgresql://u:topsecret@127.0.0.1:1/x", "--out", str(out))
+    assert done.returncode == 2 and done.stderr.startswith("error: cannot open --storage")
+    assert done.stderr.count("\n") == 1 and "topsecret" not in done.stdout + done.stderr and "Traceback" not in done.stderr
+    assert not out.exists()
