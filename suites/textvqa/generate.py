@@ -10,7 +10,8 @@ a new reading task on a new kind of image.
 Difficulty, measured on the embedded model (default preset: 200 steps, batch 32, 2 CPU cores): with
 one or two objects, 3-4 letter words and lower-case answers (as TextVQA's annotators write them), the
 best cell reached only 0.06 VQA accuracy, and 0.08 with one object and 3 letters: the model had to
-learn a new upper-to-lower-case mapping for every letter. Answers now spell what is painted.
+learn a new upper-to-lower-case mapping for every letter. Answers now spell what is painted: best
+cell 0.587 (all + resampler+vpm), base 0.000 (results/textvqa).
 """
 
 from __future__ import annotations
