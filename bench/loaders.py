@@ -286,14 +286,6 @@ def _read_parquet(source: Source, root: Path) -> None:
 READERS = {"textvqa-json": _read_textvqa, "docvqa-json": _read_docvqa, "chartqa-json": _read_chartqa, "parquet": _read_parquet}
 
 
-def read(path: Path) -> Source:
-    source = detect(Path(path))
-    READERS[source.format](source, Path(path))
-    if not source.rows:
-        raise BenchError(f"--data {path}: no labelled rows (every file was an unlabelled split); pass a split with answers")
-    return source
-
-
 # ----------------------------------------------------------------------------- splitting
 
 

@@ -174,12 +174,13 @@ class Worker:
     def _params(self, cell) -> dict:
         return {"targets": cell.targets, "rank": cell.rank, "vision": cell.vision}
 
-    def _suggest(self, trial) -> None:
-        """Record the cell as the trial's params (for importance and the dashboard)."""
+    def _suggest(self, trial) -> tuple[str, int, str]:
+        """The cell's factors as the trial's params (enqueued values in the matrix, the sampler's in a
+        search); params feed importance and the dashboard."""
         spec = self.spec
-        trial.suggest_categorical("targets", sorted({c.targets for c in spec.cells}))
-        trial.suggest_categorical("rank", sorted({c.rank for c in spec.cells}))
-        trial.suggest_categorical("vision", sorted({c.vision for c in spec.cells}))
+        return (trial.suggest_categorical("targets", sorted({c.targets for c in spec.cells})),
+                trial.suggest_categorical("rank", sorted({c.rank for c in spec.cells})),
+                trial.suggest_categorical("vision", sorted({c.vision for c in spec.cells})))
 
     # ------------------------------------------------------------------ loop
 
@@ -220,12 +221,25 @@ class Worker:
         sr, cell, seed = self.runs[key]
         self.progress.update(self.task, info=f"{sr.suite.name}: {cell.name} seed {seed}")
         record = self._run_with_heartbeat(trial, lambda: self.session.run(sr, cell, seed, self.progress))
+        self._tell(trial, record)
+
+    def _tell(self, trial, record: dict) -> None:
+        """Attach the run's record to its trial and finish it: values when ok, PRUNED or FAIL otherwise."""
+        from optuna.trial import TrialState
+
         trial.set_user_attr("executed", self.session.executed)  # False: its record already existed
         trial.set_user_attr("status", record["status"])
+        trial.set_user_attr("steps_trained", record.get("steps_trained"))
         trial.set_user_attr("record", json.dumps(record))
+        if self.spec.memory_budget_mib is not None:
+            peak = record.get("peak_mem_mib")
+            over = (peak - self.spec.memory_budget_mib) if peak is not None else (1.0 if record["status"] == "oom" else 0.0)
+            trial.set_constraint("memory", over)
         if record["status"] == "ok":
             values = {"score": record["score"], "memory": record["peak_mem_mib"], "throughput": record["train_samples_per_s"]}
             self.study.tell(trial, [values[o] for o in self.spec.objectives])
+        elif record["status"] == "pruned":
+            self.study.tell(trial, state=TrialState.PRUNED)
         else:
             trial.set_user_attr("error", record.get("error"))
             self.study.tell(trial, state=TrialState.FAIL)
@@ -300,9 +314,7 @@ class Worker:
         from bench.space import Cell
 
         spec = self.spec
-        targets = trial.suggest_categorical("targets", sorted({c.targets for c in spec.cells}))
-        rank = trial.suggest_categorical("rank", sorted({c.rank for c in spec.cells}))
-        vision = trial.suggest_categorical("vision", sorted({c.vision for c in spec.cells}))
+        targets, rank, vision = self._suggest(trial)
         lr = trial.suggest_float("lr", spec.train.lr / 10, spec.train.lr * 10, log=True)
         alpha_ratio = trial.suggest_float("alpha_ratio", 0.5, 4.0, log=True)
         dropout = trial.suggest_float("lora_dropout", 0.0, 0.2)
@@ -331,8 +343,6 @@ class Worker:
         return hook
 
     def search_trial(self, trial, sr) -> None:
-        from optuna.trial import TrialState
-
         cell, train = self.propose(trial)
         seed = self.spec.seeds[0]
         key = sr.key(self.spec, cell, seed, train)
@@ -340,22 +350,7 @@ class Worker:
         self.progress.update(self.task, info=f"trial {trial.number}: {cell.name} lr {train.lr:.1e}")
         record = self._run_with_heartbeat(trial, lambda: self.session.run(sr, cell, seed, self.progress, train=train,
                                                                            on_step=self._pruning_hook(trial, sr)))
-        trial.set_user_attr("executed", self.session.executed)
-        trial.set_user_attr("status", record["status"])
-        trial.set_user_attr("steps_trained", record.get("steps_trained"))
-        trial.set_user_attr("record", json.dumps(record))
-        if self.spec.memory_budget_mib is not None:
-            peak = record.get("peak_mem_mib")
-            over = (peak - self.spec.memory_budget_mib) if peak is not None else (1.0 if record["status"] == "oom" else 0.0)
-            trial.set_constraint("memory", over)
-        if record["status"] == "ok":
-            values = {"score": record["score"], "memory": record["peak_mem_mib"], "throughput": record["train_samples_per_s"]}
-            self.study.tell(trial, [values[o] for o in self.spec.objectives])
-        elif record["status"] == "pruned":
-            self.study.tell(trial, state=TrialState.PRUNED)
-        else:
-            trial.set_user_attr("error", record.get("error"))
-            self.study.tell(trial, state=TrialState.FAIL)
+        self._tell(trial, record)
 
     def _counted(self) -> int:
         """Trials that count towards --trials: finished ones and live running ones."""
