@@ -16,10 +16,12 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 
+from bench.machine import one_line
 from bench.store import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,6 +40,14 @@ def matrix_summary(folder: Path, suite: str) -> dict:
             "cells": len(cells)}
 
 
+def trials_machine(out: Path, suite: str) -> dict:
+    for run in sorted(out.glob("sampler-seed-*")):
+        for r in _records(run, suite):
+            if "machine" in r:
+                return r["machine"]
+    raise SystemExit(f"error: no records under {out}")
+
+
 def seed_noise(folder: Path, suite: str, vision: str) -> float:
     """Standard deviation over seeds of the best vision policy's cells (0 if fewer than two seeds)."""
     cells = [r for r in _records(folder, suite) if r.get("kind") == "cell" and r.get("status") == "ok"
@@ -53,11 +63,13 @@ def search(suite: str, seed: int, budget: int, out: Path, extra: list[str]) -> d
     cmd = [sys.executable, str(ROOT / "run_bench.py"), "--suite", suite, "--search", "optuna", "--objectives", "score",
            "--trials", "1000", "--step-budget", str(budget), "--sampler-seed", str(seed), "--out", str(out), *extra]
     print("$", " ".join(cmd[1:]), flush=True)
+    start = time.perf_counter()
     subprocess.run(cmd, check=True)
+    wall = time.perf_counter() - start
     trials = [r for r in _records(out, suite) if r.get("kind") == "cell"]
     done = [r for r in trials if r["status"] == "ok"]
     best = max(done, key=lambda r: r["score"]) if done else None
-    return {"sampler_seed": seed, "trials": len(trials), "pruned": sum(r["status"] == "pruned" for r in trials),
+    return {"sampler_seed": seed, "wall_min": round(wall / 60, 1), "trials": len(trials), "pruned": sum(r["status"] == "pruned" for r in trials),
             "steps_used": sum(r.get("steps_trained") or 0 for r in trials), "search_best": best["score"] if best else None,
             "search_best_cell": f"{best['cell']['targets']}-r{best['cell']['rank']}-{best['cell']['vision']} lr {best['train']['lr']:.1e}" if best else ""}
 
@@ -89,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Matrix ({args.matrix}): {matrix['cells']} cells, {matrix['steps']} training steps; best "
         f"`{cell['targets']}-r{cell['rank']}-{cell['vision']}` {matrix['best_score']:.3f}.",
         f"Seed noise of the best vision policy ({args.noise}): sd {noise:.3f}; tolerance max(noise, 0.01) = {tolerance:.3f}.",
+        f"Machine: {one_line(trials_machine(args.out, args.suite))}; versions as in each seed's results.md.",
         f"Search: TPE, single objective (score), median pruning, step budget {budget} ({args.fraction:.0%} of the matrix).", "",
         table.to_markdown(index=False, floatfmt=".3f"), "",
         f"Within tolerance: {int(table.within_noise.sum())} of {len(table)} sampler seeds; "
