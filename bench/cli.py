@@ -26,6 +26,8 @@ EPILOG = """examples:
   python run_bench.py --suite docvqa --search optuna --trials 20 --memory-budget 16GiB    # multi-objective search
   python run_bench.py --suite docvqa --search optuna --objectives score --trials 12      # single objective, with pruning
   python run_bench.py --suite textvqa --data ~/data/textvqa --limit 2000   # a real dataset instead of the generator
+  python run_bench.py --similarity --data ~/my-images      # how far are my images from pretraining and each suite?
+  python run_bench.py --recommend --data ~/my-images --memory-budget 16GiB   # what should I tune?
 """
 
 
@@ -63,6 +65,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--step-budget", type=int, help="--search: stop proposing trials once this many training steps are spent (pruned trials cost less)")
     p.add_argument("--pruner", help="--search with --objectives score: median (default), hyperband or none")
     p.add_argument("--sampler-seed", type=int, help="--search: seed of the TPE sampler (default 0)")
+    p.add_argument("--similarity", action="store_true", help="report how far --data's images are from the model's pretraining and from every suite, then exit")
+    p.add_argument("--recommend", action="store_true", help="recommend targets, rank and vision policy for --data from benchmark records (--results), then exit")
+    p.add_argument("--reference", help="--similarity/--recommend: a folder of images like the model's pretraining data (built in for the embedded model)")
+    p.add_argument("--samples", type=int, default=500, help="--similarity/--recommend: images sampled per set (default 500)")
+    p.add_argument("--results", nargs="+", help="--recommend: results folders holding records (default: results)")
+    p.add_argument("--min-throughput", type=float, help="--recommend: only configurations that trained at least this many samples/s")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--list", action="store_true", help="list suites, presets, target sets and vision policies, then exit")
     return p
@@ -86,6 +94,14 @@ def main(argv: list[str] | None = None) -> int:
         list_choices()
         return 0
     try:
+        if args.similarity:
+            from bench import similarity
+
+            return similarity.run(args)
+        if args.recommend:
+            from bench import recommend
+
+            return recommend.run(args)
         from bench.spec import from_args
 
         spec = from_args(args)

@@ -76,7 +76,7 @@ def _json_candidates(root: Path) -> list[Path]:
     return found
 
 
-def _parquet_files(root: Path) -> list[Path]:
+def parquet_files(root: Path) -> list[Path]:
     if root.is_file():
         return [root] if root.suffix == ".parquet" else []
     return sorted(p for p in root.rglob("*.parquet") if not any(part.startswith(".") for part in p.relative_to(root).parts))
@@ -117,7 +117,7 @@ def detect(path: Path) -> Source:
     path = Path(path)
     if not path.exists():
         raise BenchError(f"--data {path} does not exist; pass a dataset file or folder")
-    parquet = _parquet_files(path)
+    parquet = parquet_files(path)
     if parquet:
         return Source("parquet", parquet)
     if path.is_file() and path.suffix != ".json":

@@ -284,6 +284,16 @@ def terminal_table(df: pd.DataFrame, console: Console) -> None:
         console.print(table)
 
 
+def frame_table(frame: pd.DataFrame, title: str) -> Table:
+    """Any small frame as a terminal table (floats to 4 significant digits)."""
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for col in frame.columns:
+        table.add_column(str(col), justify="right" if pd.api.types.is_numeric_dtype(frame[col]) else "left")
+    for row in frame.itertuples(index=False):
+        table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
+    return table
+
+
 def write_all(records: list[dict], spec, console: Console, study=None) -> None:
     df = frame(records)
     out = spec.out

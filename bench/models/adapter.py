@@ -150,5 +150,19 @@ class VLMAdapter(ABC):
             "pixel_values": self.pixel_values(arrays, device),
         }
 
+    def vision_features(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Mean-pooled vision-encoder states of a batch: an ``early`` layer (a quarter of the way in)
+        and the ``final`` one. Similarity is judged in the model's own features: what matters is what
+        its encoder has learned to see, not pixel statistics."""
+        encoder = self.model.get_submodule(self.roles.vision)
+        out = encoder(pixel_values=pixel_values, output_hidden_states=True)
+        hidden = out.hidden_states
+        return {"early": hidden[max(1, (len(hidden) - 1) // 4)].mean(1), "final": out.last_hidden_state.mean(1)}
+
+    def pretraining_reference(self, n: int, seed: int) -> list[Image.Image] | None:
+        """``n`` images drawn like the model's pretraining data, when the family can make them (the
+        embedded model can; for a real checkpoint the user passes ``--reference DIR``)."""
+        return None
+
     def decode(self, new_ids: torch.Tensor) -> list[str]:
         return [t.strip() for t in self.tokenizer.batch_decode(new_ids, skip_special_tokens=True)]

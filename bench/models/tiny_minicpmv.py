@@ -7,6 +7,7 @@ Module names follow MiniCPM-V so the same role patterns (``llm\\..*self_attn\\.q
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -351,6 +352,12 @@ class TinyMiniCPMVAdapter(VLMAdapter):
 
     def forward_loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         return model(**batch).loss
+
+    def pretraining_reference(self, n: int, seed: int) -> list[Image.Image]:
+        """Scenes from the pretraining generator, at seeds the recipe and the shapes suite never used."""
+        from suites.shapes.generate import generate
+
+        return [item["image"] for item in itertools.islice(generate(n, seed=90_000 + seed), n)]
 
     def generate_ids(self, model: torch.nn.Module, batch: dict, max_new_tokens: int) -> torch.Tensor:
         return model.generate(

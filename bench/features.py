@@ -1,0 +1,155 @@
+"""Image sets and their vision-encoder features, cached per (model, image set).
+
+An image set is whatever similarity compares: a suite's images, the user's folder or dataset, or a
+sample of the model's pretraining distribution. Features are the model's own vision encoder's
+mean-pooled hidden states (an early and the final layer), L2-normalised, computed once per (model
+weights, image set, sample) and kept as ``.npz`` under the cache, so repeated calls are instant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bench.errors import BenchError
+from bench.loaders import IMAGE_SUFFIXES
+from bench.store import atomic_write_bytes
+from bench.suite_data import cache_root, content_digest, read_split
+
+FEATURES_VERSION = 1  # bump when the pooling or normalisation changes
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    name: str
+    origin: str  # where the images came from, for the reports
+    key: str  # identifies the sampled content (with the model's fingerprint, the cache key)
+    load: Callable[[], list[Image.Image]]
+
+
+def _sample(items: list, n: int, seed: int) -> list:
+    return sorted(random.Random(seed).sample(items, n)) if len(items) > n else list(items)
+
+
+def _open_all(paths: list[Path], where: str) -> list[Image.Image]:
+    images, bad = [], []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                images.append(im.convert("RGB"))
+        except Exception:  # noqa: BLE001 - any undecodable file is skipped and counted
+            bad.append(path)
+    if not images:
+        raise BenchError(f"{where}: none of its {len(paths)} image files could be read; point --data at a folder of images (png/jpg)")
+    return images
+
+
+def from_paths(name: str, origin: str, paths: list[Path], n: int, seed: int) -> ImageSet:
+    chosen = _sample(sorted(paths), n, seed)
+    stamp = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in chosen]
+    key = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:20]
+    return ImageSet(name, f"{origin}; {len(chosen)} of {len(paths)} images", key, lambda: _open_all(chosen, name))
+
+
+def from_prepared(name: str, folder: Path, n: int, seed: int, split: str = "test") -> ImageSet:
+    """A prepared suite folder (generated or loaded from --data): its ``split`` images."""
+    rows = read_split(folder, split)
+    images = sorted({r.image for r in rows})
+    chosen = _sample(images, n, seed)
+    key = f"{content_digest(folder)}-{split}-{n}-{seed}"
+    origin = f"{folder.name} {split} split; {len(chosen)} of {len(images)} images"
+    return ImageSet(name, origin, key, lambda: _open_all([Path(p) for p in chosen], name))
+
+
+def from_images(name: str, origin: str, images: list[Image.Image]) -> ImageSet:
+    digest = hashlib.sha256()
+    for im in images:
+        digest.update(f"{im.mode}{im.size}".encode() + im.tobytes())
+    return ImageSet(name, origin, digest.hexdigest()[:20], lambda: images)
+
+
+def suite_images(suite_name: str, n: int, seed: int = 0, prepared: str | None = None) -> ImageSet:
+    """A suite's test images: the folder its benchmark records name when it is still prepared in the
+    cache, otherwise a fresh sample of its generator (same distribution, same seed)."""
+    from bench import suites
+
+    if prepared and content_digest(cache_root() / prepared):
+        return from_prepared(suite_name, cache_root() / prepared, n, seed)
+    suite = suites.get(suite_name)
+    if prepared and "-data-" in prepared:
+        raise BenchError(f"suite {suite_name}'s records were measured on a dataset ({prepared}) that is no longer prepared "
+                         f"in {cache_root()}; rerun that benchmark with its --data (it re-prepares the folder)")
+    folder = suite.prepare(train_items=1, test_items=max(n, 1))
+    return from_prepared(suite_name, folder, n, seed)
+
+
+def resolve(text: str, n: int, seed: int = 0) -> ImageSet:
+    """``--data`` for similarity: a suite name, a folder of images (searched recursively), or a
+    dataset the loaders read (parquet shards carry their images inside)."""
+    from bench import loaders, suites
+
+    if text in suites.available():
+        return suite_images(text, n, seed)
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise BenchError(f"--data {text} is neither a suite ({', '.join(suites.available())}) nor an existing path; "
+                         "pass a folder of images or a suite name")
+    if path.is_dir():
+        paths = [p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+        if paths:
+            return from_paths(path.name, str(path), paths, n, seed)
+    if not loaders.parquet_files(path):
+        raise BenchError(f"--data {text} holds no images (png/jpg/webp/...) and no parquet shards; point it at a folder of images")
+    folder = loaders.prepare("data", path, (), None, cache_root())
+    return from_prepared(path.name, folder, n, seed, split="train")
+
+
+def reference_images(adapter, reference: str | None, n: int, seed: int = 0) -> ImageSet | None:
+    """The pretraining reference: ``--reference DIR`` when given, else the family's own sample (or None)."""
+    if reference:
+        path = Path(reference).expanduser()
+        paths = [p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()] if path.is_dir() else []
+        if not paths:
+            raise BenchError(f"--reference {reference} is not a folder of images; pass images representative of the model's pretraining")
+        return from_paths("pretraining", f"--reference {path}", paths, n, seed)
+    images = adapter.pretraining_reference(n, seed)
+    if images is None:
+        return None
+    return from_images("pretraining", f"{adapter.family} pretraining generator (held-out seeds); {len(images)} images", images)
+
+
+def _cache_file(adapter, image_set: ImageSet) -> Path:
+    key = json.dumps({"model": adapter.fingerprint(), "images": image_set.key, "v": FEATURES_VERSION}, sort_keys=True)
+    return cache_root() / "features" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz"
+
+
+@torch.no_grad()
+def embed(adapter, image_set: ImageSet, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """``{"early": (n, d), "final": (n, d)}`` L2-normalised features of the base model's vision encoder."""
+    path = _cache_file(adapter, image_set)
+    if path.is_file():
+        with np.load(path) as cached:
+            return {k: cached[k] for k in cached.files}
+    images = image_set.load()
+    device = next(adapter.model.parameters()).device
+    chunks: dict[str, list[np.ndarray]] = {}
+    for start in range(0, len(images), batch_size):
+        arrays = [adapter.image_array(im) for im in images[start : start + batch_size]]
+        feats = adapter.vision_features(adapter.pixel_values(arrays, device))
+        for layer, x in feats.items():
+            chunks.setdefault(layer, []).append(torch.nn.functional.normalize(x.float(), dim=-1).cpu().numpy())
+    out = {layer: np.concatenate(parts) for layer, parts in chunks.items()}
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **out)
+    atomic_write_bytes(path, buffer.getvalue())
+    return out

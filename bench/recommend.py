@@ -1,0 +1,517 @@
+"""What to tune for the user's own data: target set, rank and vision policy, with the reasons.
+
+The evidence is the benchmark itself. Each benchmarked suite contributes two things: how far its
+images are from the model's pretraining (MMD^2 in the model's vision features, bench.similarity) and
+how much each vision policy gained over ``frozen`` there (paired on the same target set, rank and
+seed, averaged). Gain is interpolated along that distance (piecewise linear, with the pretraining
+distribution itself as the anchor "distance 0, gain 0" and flat beyond the farthest suite); a policy
+that costs more memory must gain at least ``MIN_GAIN`` over every cheaper one to be chosen, so the
+calibrated threshold of a policy is the distance from which it pays for its measured cost. Within the
+chosen policy, the configuration is the one closest to each suite's best at the user's distance
+(weights of the same interpolation), subject to ``--memory-budget`` and ``--min-throughput``.
+Leave-one-suite-out accuracy (hide a suite, decide its policy from the others, compare with its best
+policies within noise) says how much to trust the rule.
+
+    python run_bench.py --recommend --data ~/my-images --memory-budget 16GiB --results results
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bench.errors import BenchError
+from bench.similarity import Comparison
+
+MIN_GAIN = 0.01  # one point: a smaller gain does not pay for more memory or less throughput
+POLICY_ORDER = ("frozen", "resampler", "vpm-lora", "resampler+vpm")
+CONFIG = ["targets", "rank", "alpha", "vision", "lr", "lora_dropout"]
+
+
+@dataclass
+class Evidence:
+    """One benchmarked suite: its configurations, the gains of each policy, and its distance."""
+
+    suite: str
+    data: str
+    metric: str
+    base: float | None
+    configs: pd.DataFrame  # one row per configuration: CONFIG + score, seeds, peak_mem_mib, train_samples_per_s
+    items: dict[tuple, pd.Series]  # configuration -> per-item score averaged over seeds
+    gains: dict[str, float] = field(default_factory=dict)  # policy -> mean paired gain over frozen
+    acceptable: set[str] = field(default_factory=set)  # policies whose best configuration is within noise of the best
+    distance: Comparison | None = None  # from the pretraining reference
+
+    @property
+    def best(self) -> pd.Series:
+        return self.configs.sort_values("score", ascending=False).iloc[0]
+
+
+# ------------------------------------------------------------------------------------------ records
+
+
+def find_records(folders: list[Path]) -> list[dict]:
+    """Every record under ``<folder>/**/records/<suite>/*.json``, each run once (folders may overlap)."""
+    seen, records = set(), []
+    for folder in folders:
+        if not folder.exists():
+            raise BenchError(f"--results {folder} does not exist; pass a folder written by run_bench.py")
+        for path in sorted(folder.rglob("records/*/*.json")):
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            ident = (record.get("suite"), record.get("key"), record.get("data"))
+            if ident not in seen and "kind" in record:
+                seen.add(ident)
+                records.append(record)
+    return records
+
+
+def _config(record: dict) -> tuple:
+    c, t = record["cell"], record["train"]
+    return (c["targets"], c["rank"], float(c["alpha"]), c["vision"], float(t["lr"]), float(t["lora_dropout"]))
+
+
+def build_evidence(records: list[dict], model: str) -> tuple[list[Evidence], list[str]]:
+    """Group ok records by suite. Per suite the largest benchmark (data + training budget) is used."""
+    notes = []
+    models = sorted({r["model"] for r in records})
+    if model not in models:
+        raise BenchError(f"the records found were measured on {', '.join(models)}, not on --model {model}; "
+                         f"pass --model {models[0]} or --results folders measured on {model}")
+    if len(models) > 1:
+        notes.append(f"ignored records of other models: {', '.join(m for m in models if m != model)}")
+    units: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r["model"] == model and r.get("status") == "ok":
+            units.setdefault((r["suite"], r["data"]), []).append(r)
+    evidence = []
+    for suite in sorted({s for s, _ in units}):
+        candidates = sorted(((k, v) for k, v in units.items() if k[0] == suite), key=lambda kv: -sum(r["kind"] == "cell" for r in kv[1]))
+        (_, data), runs = candidates[0]
+        for (_, other), dropped in candidates[1:]:
+            notes.append(f"{suite}: used the benchmark on {data}; ignored {len(dropped)} records on {other}")
+        cells = [r for r in runs if r["kind"] == "cell"]
+        budgets = {(r["train"]["steps"], r["train"]["batch_size"]) for r in cells}
+        if len(budgets) > 1:  # matrix and search runs of different lengths: keep the commonest budget
+            common = max(budgets, key=lambda b: sum((r["train"]["steps"], r["train"]["batch_size"]) == b for r in cells))
+            notes.append(f"{suite}: kept runs of {common[0]} steps x batch {common[1]}; ignored "
+                         f"{sum((r['train']['steps'], r['train']['batch_size']) != common for r in cells)} of other lengths")
+            cells = [r for r in cells if (r["train"]["steps"], r["train"]["batch_size"]) == common]
+        if not cells:
+            continue
+        base = next((r["score"] for r in runs if r["kind"] == "base"), None)
+        evidence.append(_evidence(suite, data, cells, base))
+    if not evidence:
+        raise BenchError("no finished benchmark runs in the records found; run a benchmark first, e.g. python run_bench.py --suite docvqa")
+    return evidence, notes
+
+
+def _evidence(suite: str, data: str, cells: list[dict], base: float | None) -> Evidence:
+    rows, items = [], {}
+    by_config: dict[tuple, list[dict]] = {}
+    for r in cells:
+        by_config.setdefault(_config(r), []).append(r)
+    for config, runs in by_config.items():
+        rows.append({**dict(zip(CONFIG, config)), "score": float(np.mean([r["score"] for r in runs])),
+                     "seeds": tuple(sorted(r["seed"] for r in runs)), "scores": {r["seed"]: r["score"] for r in runs},
+                     "peak_mem_mib": max(r["peak_mem_mib"] or 0 for r in runs),
+                     "train_samples_per_s": float(np.mean([r["train_samples_per_s"] or 0 for r in runs]))})
+        if all(r.get("items") for r in runs):
+            series = [pd.Series({i["id"]: float(i["score"]) for i in r["items"]}) for r in runs]
+            items[config] = pd.concat(series, axis=1).mean(axis=1)
+    ev = Evidence(suite, data, cells[0]["metric"], base, pd.DataFrame(rows), items)
+    ev.gains = _gains(ev.configs)
+    ev.acceptable = _acceptable(ev)
+    return ev
+
+
+def _gains(configs: pd.DataFrame) -> dict[str, float]:
+    """Per policy: mean over (configuration, seed) pairs of score(policy) - score(frozen), paired."""
+    frozen = {tuple(row[c] for c in CONFIG if c != "vision"): row.scores for _, row in configs[configs.vision == "frozen"].iterrows()}
+    diffs: dict[str, list[float]] = {}
+    for _, row in configs[configs.vision != "frozen"].iterrows():
+        partner = frozen.get(tuple(row[c] for c in CONFIG if c != "vision"))
+        if partner:
+            diffs.setdefault(row.vision, []).extend(row.scores[s] - partner[s] for s in row.scores if s in partner)
+    gains = {policy: float(np.mean(d)) for policy, d in diffs.items() if d}
+    if frozen:
+        gains["frozen"] = 0.0
+    return gains
+
+
+def _acceptable(ev: Evidence) -> set[str]:
+    """Policies whose best configuration is within noise (paired test, p >= 0.05) of the suite's best."""
+    from bench.stats import ALPHA, paired_comparison
+
+    best = ev.best
+    best_key = tuple(best[c] for c in CONFIG)
+    ok = {best.vision}
+    for policy, group in ev.configs.groupby("vision"):
+        top = group.sort_values("score", ascending=False).iloc[0]
+        key = tuple(top[c] for c in CONFIG)
+        if policy in ok or key not in ev.items or best_key not in ev.items:
+            continue
+        if paired_comparison(ev.items[best_key], ev.items[key])["p_value"] >= ALPHA:
+            ok.add(policy)
+    return ok
+
+
+# -------------------------------------------------------------------------------------- calibration
+
+
+@dataclass
+class Calibration:
+    """Gain of each policy as a function of distance from pretraining, and what each policy costs."""
+
+    points: list[tuple[tuple[str, ...], float, dict[str, float]]]  # (suites, distance, gains) by distance; () = the anchor
+    cost: dict[str, tuple[float, float]]  # policy -> (mean peak MiB, mean train samples/s)
+
+    def gain(self, policy: str, d: float) -> float:
+        xs = [x for _, x, g in self.points if policy in g]
+        ys = [g[policy] for _, x, g in self.points if policy in g]
+        return float(np.interp(d, xs, ys)) if xs else math.nan
+
+    def policies(self) -> list[str]:
+        present = {p for names, _, g in self.points if names for p in g}
+        return [p for p in POLICY_ORDER if p in present] + sorted(present - set(POLICY_ORDER))
+
+    def decide(self, d: float, allowed: set[str] | None = None) -> str:
+        """The cheapest policy whose predicted gain is within MIN_GAIN of the best predicted gain."""
+        options = [p for p in self.policies() if (allowed is None or p in allowed) and p in self.cost and not math.isnan(self.gain(p, d))]
+        if not options:
+            raise BenchError("no vision policy has both measured gains and costs; benchmark frozen and at least one other policy")
+        top = max(self.gain(p, d) for p in options)
+        return min((p for p in options if self.gain(p, d) >= top - MIN_GAIN), key=lambda p: (self.cost[p][0], -self.cost[p][1]))
+
+    def threshold(self, policy: str) -> float | None:
+        """Smallest distance at which ``policy`` gains MIN_GAIN over every cheaper policy."""
+        cheaper = [p for p in self.policies() if p in self.cost and self.cost[p][0] < self.cost.get(policy, (math.inf,))[0]]
+        far = max(x for _, x, _ in self.points) * 1.25 or 1.0
+        for d in np.linspace(0, far, 501):
+            if self.gain(policy, d) - max([self.gain(p, d) for p in cheaper] + [0.0]) >= MIN_GAIN:
+                return float(d)
+        return None
+
+    def weights(self, d: float) -> dict[str, float]:
+        """Interpolation weights of the suites at distance ``d`` (the anchor's share goes to the nearest suite)."""
+        located = [(names, x) for names, x, _ in self.points if names]
+        xs = [x for _, x in located]
+        if d >= xs[-1]:
+            shares = [(located[-1][0], 1.0)]
+        elif d <= xs[0]:
+            shares = [(located[0][0], 1.0)]
+        else:
+            i = int(np.searchsorted(xs, d))
+            (lo, x0), (hi, x1) = located[i - 1], located[i]
+            w = (x1 - d) / (x1 - x0)
+            shares = [(lo, w), (hi, 1 - w)]
+        return {suite: w / len(names) for names, w in shares for suite in names}
+
+
+def calibrate(evidence: list[Evidence]) -> Calibration:
+    located = sorted((ev for ev in evidence if ev.distance is not None and ev.gains), key=lambda ev: ev.distance.mmd2)
+    if not located:
+        raise BenchError("no benchmarked suite has both a frozen baseline and another vision policy; "
+                         "benchmark --vision frozen plus the policies to compare")
+    policies = {p for ev in located for p in ev.gains}
+    points = [((), 0.0, {p: 0.0 for p in policies})]  # the anchor; a suite indistinguishable from pretraining replaces it
+    for ev in located:
+        x = 0.0 if ev.distance.same else max(ev.distance.mmd2, 0.0)
+        names, x0, gains = points[-1]
+        if x0 == x:  # same distance (interpolation needs increasing x): average with the point already there
+            merged = {p: float(np.mean([g[p] for g in ((gains,) if names else ()) + (ev.gains,) if p in g]))
+                      for p in set(gains) | set(ev.gains)}
+            points[-1] = (names + (ev.suite,), x, merged)
+        else:
+            points.append(((ev.suite,), x, ev.gains))
+    cost = {}
+    for policy in policies:
+        rows = pd.concat([ev.configs[ev.configs.vision == policy] for ev in evidence])
+        if len(rows):
+            cost[policy] = (float(rows.peak_mem_mib.mean()), float(rows.train_samples_per_s.mean()))
+    return Calibration(points, cost)
+
+
+def leave_one_out(evidence: list[Evidence]) -> pd.DataFrame:
+    """Hide each suite, decide its policy from the others, check it against its best policies within noise."""
+    rows = []
+    located = [ev for ev in evidence if ev.distance is not None and ev.gains]
+    for hidden in located:
+        others = [ev for ev in located if ev is not hidden]
+        if not others:
+            continue
+        decided = calibrate(others).decide(max(hidden.distance.mmd2, 0.0))
+        top = hidden.configs[hidden.configs.vision == decided].score.max() if decided in set(hidden.configs.vision) else math.nan
+        rows.append({"suite": hidden.suite, "mmd2": hidden.distance.mmd2, "decided": decided,
+                     "best_within_noise": ", ".join(p for p in POLICY_ORDER if p in hidden.acceptable),
+                     "correct": decided in hidden.acceptable, "regret": float(hidden.best.score - top)})
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------------- choice
+
+
+@dataclass
+class Choice:
+    config: pd.Series  # CONFIG + peak_mem_mib, train_samples_per_s
+    per_suite: dict[str, tuple[float, float | None, float]]  # suite -> (score, base, weight)
+
+
+def choose(evidence: list[Evidence], calibration: Calibration | None, d: float | None, nearest: str,
+           budget_mib: float | None, min_throughput: float | None) -> Choice | None:
+    """The recommended configuration under the limits, or None when nothing measured fits."""
+    table = _feasible(evidence, budget_mib, min_throughput)
+    if table.empty:
+        return None
+    if calibration is not None and d is not None:
+        policy = calibration.decide(d, set(table.vision))
+        weights = calibration.weights(d)
+    else:  # no pretraining reference: the nearest suite's evidence decides
+        weights = {nearest: 1.0}
+        ev = next(e for e in evidence if e.suite == nearest)
+        allowed = [p for p in POLICY_ORDER if p in ev.acceptable and p in set(table.vision)] or list(table.vision)
+        policy = min(allowed, key=lambda p: table[table.vision == p].peak_mem_mib.mean())
+    rows = table[table.vision == policy].copy()
+    best = {ev.suite: ev.best.score for ev in evidence}
+    rows["fit"] = [
+        _weighted({s: (r.scores_by_suite[s] - best[s], w) for s, w in weights.items() if s in r.scores_by_suite})
+        for r in rows.itertuples()
+    ]
+    rows = rows.dropna(subset=["fit"])
+    if rows.empty:  # the chosen policy was never run on the weighted suites: use all suites equally
+        rows = table[table.vision == policy].copy()
+        rows["fit"] = [_weighted({s: (v - best[s], 1.0) for s, v in r.scores_by_suite.items()}) for r in rows.itertuples()]
+    top = rows.fit.max()
+    pick = rows[rows.fit >= top - MIN_GAIN].sort_values(["peak_mem_mib", "fit"], ascending=[True, False]).iloc[0]
+    bases = {ev.suite: ev.base for ev in evidence}
+    per_suite = {s: (v, bases[s], weights.get(s, 0.0)) for s, v in pick.scores_by_suite.items()}
+    return Choice(pick, per_suite)
+
+
+def _weighted(values: dict[str, tuple[float, float]]) -> float:
+    total = sum(w for _, w in values.values())
+    return sum(v * w for v, w in values.values()) / total if total > 0 else math.nan
+
+
+def _feasible(evidence: list[Evidence], budget_mib: float | None, min_throughput: float | None) -> pd.DataFrame:
+    """Every measured configuration (across suites) with its worst peak memory and mean throughput."""
+    frames = [ev.configs.assign(suite=ev.suite) for ev in evidence]
+    allc = pd.concat(frames)
+    grouped = allc.groupby(CONFIG, sort=False)
+    table = grouped.agg(peak_mem_mib=("peak_mem_mib", "max"), train_samples_per_s=("train_samples_per_s", "mean")).reset_index()
+    table["scores_by_suite"] = [dict(zip(g.suite, g.score)) for _, g in grouped]
+    if budget_mib is not None:
+        table = table[table.peak_mem_mib <= budget_mib]
+    if min_throughput is not None:
+        table = table[table.train_samples_per_s >= min_throughput]
+    return table
+
+
+def name(config) -> str:
+    text = f"{config['targets']} r{config['rank']} (alpha {config['alpha']:g}) + {config['vision']}"
+    return text + f", lr {config['lr']:.2g}, dropout {config['lora_dropout']:g}"
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def run(args) -> int:
+    from rich.console import Console
+
+    from bench import features
+    from bench.models import get_adapter
+    from bench.similarity import compare
+    from bench.spec import parse_memory, resolve_device
+    from bench.store import atomic_write_bytes, atomic_write_text
+
+    console = Console(stderr=True)
+    if not args.data:
+        raise BenchError("--recommend needs --data: a folder of your images (or a suite name)")
+    if args.samples < 10:
+        raise BenchError(f"--samples must be at least 10 (got {args.samples}); 500 is a good default")
+    budget = parse_memory(args.memory_budget) if args.memory_budget else None
+    if args.min_throughput is not None and args.min_throughput <= 0:
+        raise BenchError(f"--min-throughput must be positive (got {args.min_throughput})")
+    folders = [Path(f) for f in (args.results or ["results"])]
+    records = find_records(folders)
+    if not records:
+        raise BenchError(f"no benchmark records under {', '.join(map(str, folders))}; run a benchmark first "
+                         "(python run_bench.py --suite docvqa) or pass --results DIR")
+    evidence, notes = build_evidence(records, args.model)
+    data_set = features.resolve(args.data, args.samples)
+    if budget is not None and _feasible(evidence, budget, None).empty:
+        smallest = _feasible(evidence, None, None).sort_values("peak_mem_mib").iloc[0]
+        raise BenchError(f"no benchmarked configuration fits --memory-budget {args.memory_budget} (the smallest measured peak is "
+                         f"{smallest.peak_mem_mib:.0f} MiB: {name(smallest)}); raise the budget or benchmark smaller cells")
+    if args.min_throughput is not None and _feasible(evidence, budget, args.min_throughput).empty:
+        raise BenchError(f"no benchmarked configuration within the limits trains at >= {args.min_throughput:g} samples/s; "
+                         "lower --min-throughput or raise --memory-budget")
+    out = Path(args.out) if args.out else Path("results") / "runs" / "recommend"
+
+    adapter = get_adapter(args.model)
+    adapter.load(resolve_device(args.device))
+    reference = features.reference_images(adapter, args.reference, args.samples)
+    data_feats = features.embed(adapter, data_set)
+    suite_feats = {}
+    with console.status("embedding suites") as status:
+        for ev in evidence:
+            status.update(f"embedding {ev.suite}")
+            suite_feats[ev.suite] = features.embed(adapter, features.suite_images(ev.suite, args.samples, prepared=ev.data))
+    to_suite = {ev.suite: compare(data_feats, suite_feats[ev.suite]) for ev in evidence if data_set.name != ev.suite}
+    nearest = min(to_suite, key=lambda s: to_suite[s].mmd2) if to_suite else data_set.name
+    calibration = d = data_distance = None
+    if reference is not None:
+        ref_feats = features.embed(adapter, reference)
+        for ev in evidence:
+            ev.distance = compare(suite_feats[ev.suite], ref_feats)
+        data_distance = compare(data_feats, ref_feats)
+        d = max(data_distance.mmd2, 0.0)
+        calibration = calibrate(evidence)
+    else:
+        notes.append(f"{adapter.display_name()} has no pretraining sample and no --reference was given: the nearest "
+                     "suite decides; pass --reference DIR for a calibrated decision")
+    choice = choose(evidence, calibration, d, nearest, budget, args.min_throughput)
+    runner_up = None
+    if choice is not None:
+        runner_up = choose(evidence, calibration, d, nearest, choice.config.peak_mem_mib * 0.99, args.min_throughput)
+    loo = leave_one_out(evidence) if calibration is not None else pd.DataFrame()
+    text = markdown(args, adapter, data_set, data_distance, to_suite, nearest, evidence, calibration, choice, runner_up,
+                    loo, budget, notes)
+    png = calibration_png(calibration, d, data_set.name) if calibration is not None else None
+    summary = {"data": args.data, "recommended": _plain(choice.config) if choice else None,
+               "runner_up": _plain(runner_up.config) if runner_up else None,
+               "mmd2_from_pretraining": data_distance.mmd2 if data_distance else None, "nearest_suite": nearest,
+               "leave_one_suite_out_accuracy": float(loo.correct.mean()) if len(loo) else None}
+    out.mkdir(parents=True, exist_ok=True)
+    if png is not None:
+        atomic_write_bytes(out / "calibration.png", png)
+    atomic_write_text(out / "recommendation.json", json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(out / "recommendation.md", text)
+    console.print(text.split("\n## Calibration")[0])
+    console.print(f"wrote {out / 'recommendation.md'}")
+    return 0
+
+
+def _plain(config: pd.Series) -> dict:
+    out = {c: (config[c].item() if hasattr(config[c], "item") else config[c]) for c in CONFIG}
+    out["peak_mem_mib"] = float(config.peak_mem_mib)
+    out["train_samples_per_s"] = float(config.train_samples_per_s)
+    return out
+
+
+def markdown(args, adapter, data_set, data_distance, to_suite, nearest, evidence, calibration, choice, runner_up, loo,
+             budget, notes) -> str:
+    limits = []
+    if budget is not None:
+        limits.append(f"--memory-budget {args.memory_budget}")
+    if args.min_throughput is not None:
+        limits.append(f"--min-throughput {args.min_throughput:g}")
+    lines = [f"# Recommendation for {data_set.name}", "",
+             f"Command: `python run_bench.py --recommend --data {args.data}"
+             + "".join(f" {x}" for x in limits) + (f" --results {' '.join(args.results)}" if args.results else "") + "`", "",
+             f"Model: {adapter.display_name()}. Data: {data_set.origin}.", ""]
+    if choice is None:
+        lines += ["**Nothing measured fits the limits.**", ""]
+    else:
+        c = choice.config
+        lines += [f"**Recommended: {name(c)}**", "",
+                  f"- measured peak memory {c.peak_mem_mib:.0f} MiB, {c.train_samples_per_s:.0f} train samples/s (on the benchmark's machine)"]
+        for suite, (score, base, w) in sorted(choice.per_suite.items(), key=lambda kv: -kv[1][2]):
+            if w > 0:
+                lines.append(f"- on {suite} (weight {w:.2f} at your distance) it scored {score:.3f}"
+                             + (f" (base model {base:.3f})" if base is not None else ""))
+        weighted = [(s, v) for s, v in choice.per_suite.items() if v[2] > 0]
+        if weighted:
+            lo, hi = min(v[0] for _, v in weighted), max(v[0] for _, v in weighted)
+            lines.append(f"- expected score: {lo:.3f}-{hi:.3f} on suites at your distance (absolute scores differ by task; "
+                         "the gain over the base model transfers better than the level)")
+        if runner_up is not None:
+            r = runner_up.config
+            lines.append(f"- runner-up for a smaller budget: {name(r)}: {r.peak_mem_mib:.0f} MiB, {r.train_samples_per_s:.0f} samples/s")
+        else:
+            lines.append("- runner-up for a smaller budget: none measured below this memory")
+        lines.append("")
+    lines += ["## Why", ""]
+    if data_distance is not None and calibration is not None:
+        policy = choice.config.vision if choice is not None else None
+        lines.append(f"- Your images are at MMD^2 {data_distance.mmd2:.4f} [{data_distance.low:.4f}, {data_distance.high:.4f}] "
+                     f"from the model's pretraining (permutation p = {data_distance.p_value:.3f}: "
+                     f"{'indistinguishable from' if data_distance.same else 'different from'} pretraining; classifier AUC {data_distance.auc:.2f}).")
+        for p in calibration.policies():
+            if p == "frozen":
+                continue
+            t = calibration.threshold(p)
+            where = "never pays on the measured suites" if t is None else f"pays from MMD^2 >= {t:.3f}"
+            above = "" if t is None else (" (you are above it)" if data_distance.mmd2 >= t else " (you are below it)")
+            lines.append(f"- {p}: predicted gain over frozen at your distance {calibration.gain(p, max(data_distance.mmd2, 0)):+.3f}; "
+                         f"calibrated threshold: {where}{above}.")
+        if policy:
+            lines.append(f"- Chosen policy {policy}: the cheapest (peak memory) whose predicted gain is within {MIN_GAIN:g} of the best.")
+    if to_suite:
+        n = to_suite[nearest]
+        ev = next(e for e in evidence if e.suite == nearest)
+        lines.append(f"- Nearest benchmarked suite: {nearest} (MMD^2 {n.mmd2:.4f}); its best measured configuration was "
+                     f"{name(ev.best)} ({ev.metric} {ev.best.score:.3f}); policies within noise of it there: "
+                     f"{', '.join(p for p in POLICY_ORDER if p in ev.acceptable)}.")
+    lines += [f"- Note: {n}" for n in notes] + [""]
+    if calibration is not None:
+        lines += ["## Calibration", "", "Gain of each vision policy over frozen (paired on target set, rank and seed; mean), per "
+                  "suite, against the suite's MMD^2 from pretraining; `*` = within noise of the suite's best (paired test on its "
+                  "test items, p >= 0.05). Plot: calibration.png.", ""]
+        policies = calibration.policies()
+        rows = []
+        for ev in sorted((e for e in evidence if e.distance is not None), key=lambda e: e.distance.mmd2):
+            row = {"suite": ev.suite, "MMD^2": f"{ev.distance.mmd2:.4f}", "base": "" if ev.base is None else f"{ev.base:.3f}",
+                   "best": f"{ev.best.score:.3f}"}
+            for p in policies:
+                row[p] = "" if p not in ev.gains else f"{ev.gains[p]:+.3f}" + ("*" if p in ev.acceptable else "")
+            rows.append(row)
+        lines += [pd.DataFrame(rows).to_markdown(index=False), ""]
+        cost = pd.DataFrame([{"policy": p, "peak MiB (mean)": f"{calibration.cost[p][0]:.0f}",
+                              "train samples/s (mean)": f"{calibration.cost[p][1]:.0f}",
+                              "pays from MMD^2": "" if p == "frozen" else (lambda t: "never" if t is None else f"{t:.3f}")(calibration.threshold(p))}
+                             for p in policies if p in calibration.cost])
+        lines += ["Measured cost per policy (all configurations, all suites):", "", cost.to_markdown(index=False), ""]
+    if len(loo):
+        lines += ["## Leave-one-suite-out", "", f"Decision accuracy: {int(loo.correct.sum())} of {len(loo)} suites "
+                  f"({loo.correct.mean():.0%}); regret = that suite's best score minus the best score of the decided policy.", "",
+                  loo.to_markdown(index=False, floatfmt=".4f"), ""]
+    return "\n".join(lines)
+
+
+def calibration_png(calibration: Calibration, d: float | None, label: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    far = max(x for _, x, _ in calibration.points) * 1.1
+    grid = np.linspace(0, far, 200)
+    for i, policy in enumerate(calibration.policies()):
+        color = f"C{i}"
+        ax.plot(grid, [calibration.gain(policy, x) for x in grid], color=color, lw=1, alpha=0.6)
+        pts = [(x, g[policy]) for names, x, g in calibration.points if names and policy in g]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=color, label=policy, zorder=3)
+    for names, x, _ in calibration.points:
+        ax.annotate(", ".join(names) or "pretraining", (x, ax.get_ylim()[0]), rotation=90, fontsize=7, va="bottom", ha="right", alpha=0.7)
+    if d is not None:
+        ax.axvline(d, color="k", ls="--", lw=1)
+        ax.annotate(label, (d, ax.get_ylim()[1]), fontsize=8, va="top", ha="left")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xlabel("MMD^2 from pretraining (vision features)")
+    ax.set_ylabel("gain over frozen (paired mean)")
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()

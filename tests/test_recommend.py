@@ -1,0 +1,156 @@
+"""The recommender: gains paired over frozen, the calibrated decision, budgets, and the CLI end to end."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from bench.errors import BenchError
+from bench.recommend import Calibration, build_evidence, calibrate, choose, leave_one_out
+from bench.similarity import Comparison
+from conftest import run_cli
+
+
+def record(suite, targets, vision, score, seed=0, mem=1000.0, speed=100.0, items=None, model="tiny-minicpmv"):
+    return {"kind": "cell", "suite": suite, "model": model, "data": f"{suite}-data", "metric": "anls", "status": "ok",
+            "key": f"{targets}-{vision}-{seed}", "seed": seed, "score": score, "peak_mem_mib": mem, "train_samples_per_s": speed,
+            "cell": {"targets": targets, "rank": 8, "alpha": 16.0, "vision": vision},
+            "train": {"lr": 1e-3, "lora_dropout": 0.05, "steps": 10, "batch_size": 4},
+            "items": [{"id": f"t{i}", "score": float(s)} for i, s in enumerate(items)] if items is not None else None}
+
+
+def distance(d):
+    return Comparison(mmd2=d, low=d - 0.01, high=d + 0.01, p_value=0.5 if d == 0 else 0.001, kid=0, auc=0.5, early_mmd2=d,
+                      n_data=100, n_reference=100)
+
+
+def suite_records(suite, scores, mems=None, n_items=60, seed=0):
+    """scores: {(targets, vision): mean score}; per-item scores are 0/1 with that mean (paired across cells)."""
+    rng = np.random.default_rng(seed)
+    u = rng.random(n_items)
+    mems = mems or {}
+    return [record(suite, t, v, s, mem=mems.get(v, 1000.0), items=(u < s).astype(float)) for (t, v), s in scores.items()]
+
+
+def test_gains_are_paired_over_frozen_and_seed_averaged():
+    recs = [record("a", "qk", "frozen", 0.2, seed=0), record("a", "qk", "frozen", 0.4, seed=1),
+            record("a", "qk", "resampler", 0.5, seed=0), record("a", "qk", "resampler", 0.6, seed=1),
+            record("a", "all", "frozen", 0.1), record("a", "all", "resampler", 0.9),
+            record("a", "qv", "resampler", 0.0)]  # no frozen partner: not in the gain
+    (ev,), _ = build_evidence(recs, "tiny-minicpmv")
+    assert ev.gains["frozen"] == 0
+    assert ev.gains["resampler"] == pytest.approx(np.mean([0.3, 0.2, 0.8]))
+    assert len(ev.configs) == 5  # qk/frozen and qk/resampler average their two seeds
+
+
+def test_other_models_records_are_refused():
+    with pytest.raises(BenchError, match="not on --model tiny-minicpmv"):
+        build_evidence([record("a", "qk", "frozen", 0.1, model="other")], "tiny-minicpmv")
+
+
+def test_decision_is_the_cheapest_policy_within_one_point_of_the_best():
+    cal = Calibration(points=[((), 0.0, {"frozen": 0, "resampler": 0, "resampler+vpm": 0}),
+                              (("near",), 0.1, {"frozen": 0, "resampler": 0.005, "resampler+vpm": -0.05}),
+                              (("far",), 0.5, {"frozen": 0, "resampler": 0.2, "resampler+vpm": 0.4})],
+                      cost={"frozen": (100, 50), "resampler": (110, 45), "resampler+vpm": (150, 30)})
+    assert cal.decide(0.0) == "frozen"
+    assert cal.decide(0.1) == "frozen"  # resampler gains half a point: not worth its memory
+    assert cal.decide(0.5) == "resampler+vpm"
+    assert cal.decide(0.9) == "resampler+vpm"  # flat beyond the farthest suite
+    assert cal.decide(0.5, allowed={"frozen", "resampler"}) == "resampler"
+    assert 0.1 < cal.threshold("resampler") < 0.5 and 0.1 < cal.threshold("resampler+vpm") < 0.5
+    assert cal.weights(0.3) == pytest.approx({"near": 0.5, "far": 0.5})
+    assert cal.weights(0.02) == {"near": 1.0}
+
+
+def synthetic_evidence():
+    """Three suites where tuning the vision encoder pays more the farther the images are."""
+    recs = []
+    mems = {"frozen": 900.0, "resampler": 950.0, "resampler+vpm": 1200.0}
+    layout = {"near": {"frozen": 0.80, "resampler": 0.80, "resampler+vpm": 0.70},
+              "mid": {"frozen": 0.30, "resampler": 0.60, "resampler+vpm": 0.62},
+              "far": {"frozen": 0.05, "resampler": 0.30, "resampler+vpm": 0.70}}
+    for i, (suite, by_policy) in enumerate(layout.items()):
+        scores = {(t, v): s + (0.01 if t == "all" else 0) for (t, (v, s)) in itertools.product(("qk", "all"), by_policy.items())}
+        recs += suite_records(suite, scores, mems, n_items=400, seed=i)
+    evidence, _ = build_evidence(recs, "tiny-minicpmv")
+    for ev in evidence:
+        ev.distance = distance({"near": 0.0, "mid": 0.3, "far": 0.6}[ev.suite])
+    return evidence
+
+
+def test_leave_one_suite_out_and_choice_under_a_budget():
+    evidence = synthetic_evidence()
+    loo = leave_one_out(evidence).set_index("suite")
+    assert loo.loc["near", "decided"] == "frozen" and loo.loc["near", "correct"]
+    assert loo.loc["far", "decided"] == "resampler+vpm" and loo.loc["far", "correct"]
+    cal = calibrate(evidence)
+    far = choose(evidence, cal, 0.6, "far", None, None)
+    assert far.config.vision == "resampler+vpm"
+    assert far.config.targets in ("qk", "all")
+    capped = choose(evidence, cal, 0.6, "far", 1000.0, None)
+    assert capped.config.vision == "resampler" and capped.config.peak_mem_mib <= 1000
+    assert choose(evidence, cal, 0.6, "far", 500.0, None) is None
+
+
+# -------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def two_suites(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "smoke"
+    result = run_cli("--suite", "shapes,docvqa", "--preset", "smoke", "--vision", "frozen,resampler", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def my_images(tmp_path_factory):
+    from suites.chartqa.generate import generate
+
+    folder = tmp_path_factory.mktemp("mine") / "charts"
+    folder.mkdir()
+    for i, item in enumerate(itertools.islice(generate(40, seed=11), 40)):
+        item["image"].save(folder / f"{i:03d}.png")
+    return folder
+
+
+def test_recommend_end_to_end(two_suites, my_images, tmp_path):
+    recs = [json.loads(p.read_text()) for p in (two_suites / "records").glob("*/*.json")]
+    cells = [r for r in recs if r["kind"] == "cell"]
+    budget = sorted(r["peak_mem_mib"] for r in cells)[-1] + 1
+    out = tmp_path / "rec"
+    result = run_cli("--recommend", "--data", str(my_images), "--results", str(two_suites), "--samples", "40",
+                     "--memory-budget", f"{budget:.0f}MiB", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    md = (out / "recommendation.md").read_text()
+    summary = json.loads((out / "recommendation.json").read_text())
+    chosen = summary["recommended"]
+    measured = [r for r in cells if (r["cell"]["targets"], r["cell"]["rank"], r["cell"]["vision"]) ==
+                (chosen["targets"], chosen["rank"], chosen["vision"])]
+    assert measured, "the recommendation names a cell that was benchmarked"
+    assert max(r["peak_mem_mib"] for r in measured) <= budget
+    assert f"**Recommended: {chosen['targets']} r{chosen['rank']}" in md
+    assert "## Calibration" in md and "## Leave-one-suite-out" in md and "MMD^2" in md
+    assert (out / "calibration.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_recommend_bad_input_is_one_line(two_suites, my_images, tmp_path, capsys):
+    from bench.cli import main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        (["--data", str(my_images), "--results", str(empty)], "no benchmark records"),
+        (["--data", str(my_images), "--results", str(two_suites), "--memory-budget", "1MiB"], "no benchmarked configuration fits"),
+        (["--data", str(empty), "--results", str(two_suites)], "holds no images"),
+        (["--results", str(two_suites)], "--recommend needs --data"),
+    ]
+    for args, message in cases:
+        out = tmp_path / "out"
+        assert main(["--recommend", *args, "--out", str(out)]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1
+        assert not out.exists()
