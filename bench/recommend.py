@@ -423,7 +423,8 @@ def markdown(args, adapter, data_set, data_distance, to_suite, nearest, evidence
     else:
         c = choice.config
         lines += [f"**Recommended: {name(c)}**", "",
-                  f"- measured peak memory {c.peak_mem_mib:.0f} MiB, {c.train_samples_per_s:.0f} train samples/s (on the benchmark's machine)"]
+                  f"- measured peak memory {c.peak_mem_mib:.0f} MiB, {c.train_samples_per_s:.0f} train samples/s (as measured by the benchmark: "
+                  "process peak RSS on CPU, peak allocated CUDA memory on GPU)"]
         for suite, (score, base, w) in sorted(choice.per_suite.items(), key=lambda kv: -kv[1][2]):
             if w > 0:
                 lines.append(f"- on {suite} (weight {w:.2f} at your distance) it scored {score:.3f}"
@@ -431,8 +432,7 @@ def markdown(args, adapter, data_set, data_distance, to_suite, nearest, evidence
         weighted = [(s, v) for s, v in choice.per_suite.items() if v[2] > 0]
         if weighted:
             lo, hi = min(v[0] for _, v in weighted), max(v[0] for _, v in weighted)
-            lines.append(f"- expected score: {lo:.3f}-{hi:.3f} on suites at your distance (absolute scores differ by task; "
-                         "the gain over the base model transfers better than the level)")
+            lines.append(f"- expected score: {lo:.3f}-{hi:.3f} on suites at your distance (absolute levels differ by task)")
         if runner_up is not None:
             r = runner_up.config
             lines.append(f"- runner-up for a smaller budget: {name(r)}: {r.peak_mem_mib:.0f} MiB, {r.train_samples_per_s:.0f} samples/s")
