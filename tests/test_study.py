@@ -21,7 +21,10 @@ def _trials(out):
     from optuna.storages.journal import JournalFileBackend
 
     storage = JournalStorage(JournalFileBackend(str(out / "study.journal")))
-    (summary,) = optuna.get_all_study_summaries(storage)
+    summaries = optuna.get_all_study_summaries(storage)
+    if not summaries:  # the journal file exists before the study is written into it
+        return []
+    (summary,) = summaries
     return optuna.load_study(study_name=summary.study_name, storage=storage).get_trials(deepcopy=False)
 
 
