@@ -49,7 +49,7 @@ class HarnessLM(LM):
             context, gen_kwargs, aux = req.args
             visual = aux["visual"]
             visual = visual[0] if isinstance(visual, list) else visual
-            prompts.append(self.adapter.prompt_ids(context))
+            prompts.append(self.adapter.encode_prompt(context))
             images.append(visual)
             kwargs.append(gen_kwargs)
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))

@@ -143,7 +143,7 @@ def embed(adapter, image_set: ImageSet, batch_size: int = 64) -> dict[str, np.nd
     chunks: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(images), batch_size):
         arrays = [adapter.image_array(im) for im in images[start : start + batch_size]]
-        feats = adapter.vision_features(adapter.pixel_values(arrays, device))
+        feats = adapter.vision_features(arrays, device)
         for layer, x in feats.items():
             chunks.setdefault(layer, []).append(torch.nn.functional.normalize(x.float(), dim=-1).cpu().numpy())
     out = {layer: np.concatenate(parts) for layer, parts in chunks.items()}

@@ -356,7 +356,7 @@ def run(args) -> int:
                          "lower --min-throughput or raise --memory-budget")
     out = Path(args.out) if args.out else Path("results") / "runs" / "recommend"
 
-    adapter = get_adapter(args.model)
+    adapter = get_adapter(args.model, args.trust_remote_code)
     adapter.load(resolve_device(args.device))
     reference = features.reference_images(adapter, args.reference, args.samples)
     data_feats = features.embed(adapter, data_set)

@@ -21,7 +21,7 @@ from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from bench import machine, report
+from bench import adapters, machine, report
 from bench import suites as suite_registry
 from bench.errors import BenchError
 from bench.evaluate import evaluate
@@ -84,8 +84,11 @@ def progress_bar(console: Console) -> Progress:
 def encode_split(adapter, suite, data_dir: Path, split: str):
     examples = []
     for row in read_split(data_dir, split):
-        with Image.open(row.image) as im:
-            image = im.convert("RGB")
+        if getattr(adapter, "keeps_paths", False):  # large images: the adapter opens them per batch
+            image = row.image
+        else:
+            with Image.open(row.image) as im:
+                image = im.convert("RGB")
         examples.append(adapter.example(suite.prompt(row.question), image, row.answers[0]))
     return examples
 
@@ -99,7 +102,7 @@ class Session:
         quiet_libraries()
         if spec.device.type == "cpu":
             torch.set_flush_denormal(True)  # denormals stalled CPU steps for seconds in measurements
-        self.adapter = get_adapter(spec.model)
+        self.adapter = get_adapter(spec.model, spec.trust_remote_code)
         self.adapter.load(spec.device)
         self.resolutions = {cell: resolve(self.adapter.model, self.adapter.roles, cell) for cell in spec.cells}
         _print_plan(console, spec, self.adapter, self.resolutions)
@@ -275,6 +278,9 @@ def _one_run(spec: Spec, adapter, sr: SuiteRun, cell: Cell, seed: int, resolutio
             eval_items_per_s=evaluation.items_per_s, eval_s=evaluation.seconds, losses=result.losses, steps_trained=settings.steps,
             items=evaluation.items,
         )
+        saved = adapters.keep(peft_model, record, spec.out, spec.save_adapters)
+        if saved is not None:
+            record["adapter"] = str(saved.relative_to(spec.out))
     except optuna.TrialPruned as exc:
         record.update(status="pruned", error=str(exc) or "pruned", score=None, steps_trained=trained[0])
     except Diverged as exc:

@@ -166,7 +166,7 @@ def run(args) -> int:
     out = Path(args.out) if args.out else Path("results") / "runs" / "similarity"
     targets = [t.strip() for t in args.data.split(",") if t.strip()]
     data_sets = [features.resolve(t, n) for t in targets]  # validates every path before the model loads
-    adapter = get_adapter(args.model)
+    adapter = get_adapter(args.model, args.trust_remote_code)
     adapter.load(resolve_device(args.device))
     reference = features.reference_images(adapter, args.reference, n)
     if reference is None:

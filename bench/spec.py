@@ -42,6 +42,8 @@ class Spec:
     pruner: str = "median"
     step_budget: int | None = None  # --search: stop proposing trials once this many training steps are spent
     eval_batch_size: int = 64
+    trust_remote_code: bool = False  # run model code shipped inside a checkpoint (MiniCPM-V)
+    save_adapters: str = "best"  # best (per suite), all, none: PEFT folders under <out>/adapters/
 
     @property
     def n_runs(self) -> int:
@@ -142,6 +144,9 @@ def from_args(args) -> Spec:
         raise BenchError(f"--pruner {pruner!r} is unknown; choose median, hyperband or none")
     if getattr(args, "step_budget", None) is not None and args.step_budget <= 0:
         raise BenchError(f"--step-budget must be positive (got {args.step_budget})")
+    save_adapters = getattr(args, "save_adapters", None) or "best"
+    if save_adapters not in ("best", "all", "none"):
+        raise BenchError(f"--save-adapters {save_adapters!r} is unknown; choose best, all or none")
     budget = parse_memory(args.memory_budget) if getattr(args, "memory_budget", None) else None
     if train.warmup_steps > train.steps:
         train = dataclasses.replace(train, warmup_steps=max(1, train.steps // 10))
@@ -166,6 +171,8 @@ def from_args(args) -> Spec:
         sampler_seed=getattr(args, "sampler_seed", None) or 0,
         pruner=pruner,
         step_budget=getattr(args, "step_budget", None),
+        save_adapters=save_adapters,
+        trust_remote_code=bool(getattr(args, "trust_remote_code", False)),
     )
 
 

@@ -60,6 +60,7 @@ def resolve(model: torch.nn.Module, roles: RoleMap, cell: Cell) -> Resolution:
         full.append(roles.connector)
     if cell.vision == "resampler+vpm":
         full.append(roles.vision)
+        full = [n for n in full if not any(n.startswith(f"{outer}.") for outer in full)]  # Qwen: the merger is inside the vision tower
     modules = dict(model.named_modules())
     for name in full:
         if name not in modules:

@@ -83,3 +83,44 @@ def test_kill_minus_9_then_resume(tmp_path):
     df = pd.read_csv(out / "results.csv")
     assert len(df) == 5 and df.key.is_unique
     assert not list((out / "records").glob("*/.*.tmp"))
+
+
+def test_saved_adapter_reloads_with_peft_and_predicts_the_same(tmp_path):
+    """--save-adapters all: every run's PEFT folder loads onto the base model and gives the recorded answers."""
+    import torch
+    from peft import PeftModel
+
+    from bench.models import get_adapter
+    from bench.suite_data import read_split
+    from bench import suites
+
+    out = tmp_path / "saved"
+    result = run_cli("--suite", "docvqa", "--preset", "smoke", "--targets", "qv", "--vision", "frozen,resampler",
+                     "--save-adapters", "all", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    cells = [r for r in records(out) if r["kind"] == "cell"]
+    assert len(cells) == 2 and all((out / r["adapter"] / "adapter_config.json").is_file() for r in cells)
+    record = next(r for r in cells if r["cell"]["vision"] == "resampler")
+    adapter = get_adapter("tiny-minicpmv")
+    adapter.load(torch.device("cpu"))
+    model = PeftModel.from_pretrained(adapter.model, str(out / record["adapter"])).eval()
+    suite = suites.get("docvqa")
+    rows = read_split(suite.prepare(128, 48), "test")[:8]
+    from PIL import Image
+
+    arrays = [adapter.image_array(Image.open(r.image).convert("RGB")) for r in rows]
+    batch = adapter.prompt_batch([adapter.encode_prompt(suite.prompt(r.question)) for r in rows], arrays, torch.device("cpu"))
+    with torch.no_grad():
+        predictions = adapter.decode(adapter.generate_ids(model, batch, 16))
+    recorded = {i["id"]: i["prediction"] for i in record["items"]}
+    assert predictions == [recorded[r.id] for r in rows]
+
+
+def test_save_adapters_best_keeps_one_folder_per_suite(tmp_path):
+    out = tmp_path / "best"
+    result = run_cli("--suite", "docvqa", "--preset", "smoke", "--targets", "qv", "--vision", "frozen,resampler", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    kept = list((out / "adapters" / "docvqa").iterdir())
+    cells = [r for r in records(out) if r["kind"] == "cell"]
+    assert len(kept) == 1 and kept[0].name in {r["key"] for r in cells}
+    assert json.loads((kept[0] / "run.json").read_text())["score"] == max(r["score"] for r in cells)

@@ -7,6 +7,9 @@ from pathlib import Path
 
 from bench.errors import BenchError
 from bench.models.adapter import Example, RoleMap, VLMAdapter
+from bench.models.hf import FAMILIES as HF_FAMILIES
+from bench.models.hf import HFAdapter
+from bench.models.minicpmv import MiniCPMVAdapter
 from bench.models.tiny_minicpmv import TinyMiniCPMVAdapter
 
 FAMILIES = {"tiny-minicpmv": TinyMiniCPMVAdapter}
@@ -15,7 +18,7 @@ BUILTIN = {"tiny-minicpmv": None}  # name -> checkpoint folder (None: the family
 __all__ = ["Example", "RoleMap", "VLMAdapter", "get_adapter", "FAMILIES"]
 
 
-def get_adapter(model: str) -> VLMAdapter:
+def get_adapter(model: str, trust_remote_code: bool = False) -> VLMAdapter:
     """``model`` is a built-in name or a local checkpoint folder whose config names a known family."""
     if model in BUILTIN:
         return FAMILIES[model](BUILTIN[model])
@@ -30,5 +33,10 @@ def get_adapter(model: str) -> VLMAdapter:
             raise BenchError(f"{config} is not valid JSON ({exc.msg}); restore the checkpoint's config") from None
         if model_type in FAMILIES:
             return FAMILIES[model_type](folder)
-        raise BenchError(f"model folder {folder} has model_type {model_type!r}, which no adapter knows; known: {', '.join(FAMILIES)}")
+        if model_type in HF_FAMILIES:
+            return HFAdapter(folder)
+        if model_type == "minicpmv":
+            return MiniCPMVAdapter(folder, trust_remote_code)
+        known = ", ".join([*FAMILIES, *HF_FAMILIES, "minicpmv"])
+        raise BenchError(f"model folder {folder} has model_type {model_type!r}, which no adapter knows; known: {known}")
     raise BenchError(f"unknown model {model!r}; use one of {', '.join(BUILTIN)} or a local checkpoint folder")

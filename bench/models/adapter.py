@@ -73,20 +73,26 @@ class VLMAdapter(ABC):
         """Load base weights onto ``device`` (once per process)."""
 
     @abstractmethod
-    def prompt_ids(self, prompt: str) -> list[int]:
-        """Token ids of a user turn holding one image and ``prompt``, up to where the answer starts."""
-
-    @abstractmethod
-    def answer_ids(self, answer: str) -> list[int]:
-        """Token ids of an answer, end-of-turn included."""
-
-    @abstractmethod
     def image_array(self, image: Image.Image) -> np.ndarray:
         """The image as the uint8 array the model consumes (resized as the family expects)."""
 
-    @abstractmethod
+    # Token-level families (the embedded model) implement these three and inherit the batching below;
+    # processor-based families (bench/models/hf.py) override example/train_batch/prompt_batch instead.
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """Token ids of a user turn holding one image and ``prompt``, up to where the answer starts."""
+        raise NotImplementedError(f"{type(self).__name__} builds its batches with its processor")
+
+    def answer_ids(self, answer: str) -> list[int]:
+        """Token ids of an answer, end-of-turn included."""
+        raise NotImplementedError(f"{type(self).__name__} builds its batches with its processor")
+
     def pixel_values(self, arrays: list[np.ndarray], device: torch.device) -> torch.Tensor:
         """Stack uint8 arrays into the model's normalised pixel tensor."""
+        raise NotImplementedError(f"{type(self).__name__} builds its pixel inputs with its processor")
+
+    def encode_prompt(self, prompt: str):
+        """A prompt as :meth:`prompt_batch` takes it (token ids here; chat-formatted text for processor families)."""
+        return self.prompt_ids(prompt)
 
     @abstractmethod
     def forward_loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
@@ -150,12 +156,12 @@ class VLMAdapter(ABC):
             "pixel_values": self.pixel_values(arrays, device),
         }
 
-    def vision_features(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+    def vision_features(self, arrays: list[np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
         """Mean-pooled vision-encoder states of a batch: an ``early`` layer (a quarter of the way in)
         and the ``final`` one. Similarity is judged in the model's own features: what matters is what
         its encoder has learned to see, not pixel statistics."""
         encoder = self.model.get_submodule(self.roles.vision)
-        out = encoder(pixel_values=pixel_values, output_hidden_states=True)
+        out = encoder(pixel_values=self.pixel_values(arrays, device), output_hidden_states=True)
         hidden = out.hidden_states
         return {"early": hidden[max(1, (len(hidden) - 1) // 4)].mean(1), "final": out.last_hidden_state.mean(1)}
 

@@ -1,0 +1,58 @@
+"""Trained adapters on disk: one PEFT folder per kept run, loadable with ``PeftModel.from_pretrained``.
+
+``--save-adapters best`` (default) keeps, per suite, the folder of the best-scoring run so far (a new
+best replaces the old one as soon as it is evaluated, so a long matrix never holds more than one
+extra copy of a fully trained vision encoder); ``all`` keeps every run's; ``none`` saves nothing.
+Each folder is written under a temporary name and renamed into place, and carries ``run.json``
+(the run's key, cell, seed and score) next to peft's ``adapter_config.json`` and weights.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+MODES = ("best", "all", "none")
+
+
+def folder(out: Path, suite: str) -> Path:
+    return Path(out) / "adapters" / suite
+
+
+def _saved(root: Path) -> list[tuple[float, Path]]:
+    runs = []
+    for meta in root.glob("*/run.json"):
+        try:
+            runs.append((float(json.loads(meta.read_text())["score"]), meta.parent))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return runs
+
+
+def keep(peft_model, record: dict, out: Path, mode: str) -> Path | None:
+    """Save ``peft_model`` for a finished run if ``mode`` asks for it; returns the folder or None."""
+    if mode == "none" or record.get("status") != "ok" or record.get("score") is None:
+        return None
+    root = folder(out, record["suite"])
+    previous = _saved(root)
+    if mode == "best" and previous and max(score for score, _ in previous) >= record["score"]:
+        return None
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{record['key']}-", dir=root))
+    try:
+        peft_model.save_pretrained(tmp)
+        meta = {k: record.get(k) for k in ("key", "suite", "model", "cell", "seed", "train", "score", "metric")}
+        (tmp / "run.json").write_text(json.dumps(meta, indent=1) + "\n")
+        target = root / record["key"]
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if mode == "best":
+        for _, old in previous:
+            if old != target:
+                shutil.rmtree(old, ignore_errors=True)
+    return target

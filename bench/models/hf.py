@@ -1,0 +1,239 @@
+"""transformers-native VLM families, loaded from a local folder with the Auto classes.
+
+Each family is one entry of :data:`FAMILIES` (its role map and two quirks); one adapter drives them
+all through the family's own processor and chat template: the prompt is the user turn with one image,
+the training target is what the chat template renders for the assistant turn (answer + end-of-turn),
+the processor expands the image placeholders, and labels cover the answer tokens only.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bench.errors import BenchError
+from bench.models.adapter import RoleMap, VLMAdapter
+
+ATTENTION = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"}
+MLP = {"gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+LANGUAGE_LAYER = r"model\.language_model\.layers\.\d+"
+TEXT_LAYER = r"model\.text_model\.layers\.\d+"  # Idefics3 / SmolVLM name their LLM text_model
+ENCODER_LINEAR = r"\.encoder\.layers\.\d+\.(?:self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])"  # CLIP / SigLIP towers
+
+
+def _roles(vision: str, connector: str, llm_layer: str, vision_linear: str) -> RoleMap:
+    return RoleMap(vision=vision, connector=connector, llm_layer=llm_layer, attention=dict(ATTENTION), mlp=dict(MLP),
+                   vision_linear=vision_linear)
+
+
+@dataclass(frozen=True)
+class Family:
+    roles: RoleMap
+    nested_images: bool = False  # the processor wants one list of images per sample (SmolVLM)
+    suffix_labels: bool = False  # the processor builds prompt + answer + labels itself from ``suffix`` (PaliGemma)
+
+
+_CLIP_LIKE = {"vision": "model.vision_tower", "connector": "model.multi_modal_projector"}
+
+# model_type -> family. Qwen's connector (the patch merger) sits inside its vision tower, and its
+# vision MLP uses gate/up/down_proj too: the LLM patterns are anchored on the decoder layers.
+FAMILIES: dict[str, Family] = {
+    "qwen2_vl": Family(_roles("model.visual", "model.visual.merger", LANGUAGE_LAYER,
+                              r"model\.visual\.blocks\.\d+\.(?:attn\.(?:qkv|proj)|mlp\.fc[12])")),
+    "qwen2_5_vl": Family(_roles("model.visual", "model.visual.merger", LANGUAGE_LAYER,
+                                r"model\.visual\.blocks\.\d+\.(?:attn\.(?:qkv|proj)|mlp\.(?:gate|up|down)_proj)")),
+    "llava": Family(_roles(**_CLIP_LIKE, llm_layer=LANGUAGE_LAYER, vision_linear=r"model\.vision_tower" + ENCODER_LINEAR)),
+    "llava_onevision": Family(_roles(**_CLIP_LIKE, llm_layer=LANGUAGE_LAYER, vision_linear=r"model\.vision_tower" + ENCODER_LINEAR)),
+    "paligemma": Family(_roles(**_CLIP_LIKE, llm_layer=LANGUAGE_LAYER, vision_linear=r"model\.vision_tower" + ENCODER_LINEAR),
+                        suffix_labels=True),
+    "idefics3": Family(_roles("model.vision_model", "model.connector", TEXT_LAYER, r"model\.vision_model" + ENCODER_LINEAR)),
+    "smolvlm": Family(_roles("model.vision_model", "model.connector", TEXT_LAYER, r"model\.vision_model" + ENCODER_LINEAR),
+                      nested_images=True),
+}
+
+
+@dataclass
+class Item:
+    """One training example: the chat-formatted prompt, the assistant continuation, and the image path."""
+
+    prompt: str
+    continuation: str
+    image: str | Image.Image
+
+
+class HFAdapter(VLMAdapter):
+    keeps_paths = True  # training images are opened per batch, not held in memory
+
+    def __init__(self, source: Path):
+        self.source = Path(source)
+        self.model_type = json.loads((self.source / "config.json").read_text())["model_type"]
+        self.family = self.model_type
+        self.spec = FAMILIES[self.model_type]
+        self.roles = self.spec.roles
+
+    def load(self, device: torch.device) -> None:
+        import transformers
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers.processing_utils import ProcessorMixin
+
+        transformers.logging.set_verbosity_error()
+        register_image_only_processors()
+        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(self.source, dtype=dtype)
+            processor = AutoProcessor.from_pretrained(self.source)
+        except (OSError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BenchError(f"cannot load {self.model_type} checkpoint {self.source} ({first}); "
+                             "point --model at a complete local checkpoint folder (config, weights, processor files)") from None
+        if not isinstance(processor, ProcessorMixin):
+            raise BenchError(f"{self.source} has no image processor (AutoProcessor gave a {type(processor).__name__}); "
+                             "save the checkpoint's processor next to its weights")
+        self.model = model.to(device).eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self._forward_keys = set(inspect.signature(self.model.forward).parameters)
+
+    # ---------------------------------------------------------------- text
+    def _messages(self, prompt: str, answer: str | None = None) -> list[dict]:
+        turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        if answer is not None:
+            turns.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        return turns
+
+    def encode_prompt(self, prompt: str) -> str:
+        if self.spec.suffix_labels:
+            return prompt
+        return self.processor.apply_chat_template(self._messages(prompt), add_generation_prompt=True, tokenize=False)
+
+    def continuation(self, prompt: str, answer: str) -> str:
+        """What the chat template renders after the generation prompt for this answer, ending with an
+        end-of-turn token (the tokenizer's EOS when the template itself does not close the turn)."""
+        if self.spec.suffix_labels:
+            return answer
+        head = self.encode_prompt(prompt)
+        full = self.processor.apply_chat_template(self._messages(prompt, answer), tokenize=False)
+        tail = full[len(head):] if full.startswith(head) else answer
+        tail = tail.rstrip()
+        specials = set(self.tokenizer.all_special_tokens)
+        if not any(tail.endswith(t) for t in specials if t):
+            tail += self.tokenizer.eos_token or ""
+        return tail
+
+    def example(self, prompt: str, image, answer: str) -> Item:
+        return Item(self.encode_prompt(prompt), self.continuation(prompt, answer), image)
+
+    def image_array(self, image: Image.Image) -> np.ndarray:
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+    # ---------------------------------------------------------------- batches
+    def _images(self, images: list) -> list:
+        opened = []
+        for im in images:
+            if isinstance(im, np.ndarray):
+                im = Image.fromarray(im)
+            elif not isinstance(im, Image.Image):
+                with Image.open(im) as f:
+                    im = f.convert("RGB")
+            opened.append(im.convert("RGB"))
+        return [[im] for im in opened] if self.spec.nested_images else opened
+
+    def _to(self, batch, device) -> dict:
+        return {k: v.to(device) for k, v in batch.items() if k in self._forward_keys and hasattr(v, "to")}
+
+    def train_batch(self, examples: list[Item], device: torch.device) -> dict:
+        images = self._images([e.image for e in examples])
+        if self.spec.suffix_labels:
+            batch = self.processor(text=[e.prompt for e in examples], images=images, suffix=[e.continuation for e in examples],
+                                   padding="longest", padding_side="left", return_tensors="pt")
+            return self._to(batch, device)
+        full = self.processor(text=[e.prompt + e.continuation for e in examples], images=images, padding="longest",
+                              padding_side="left", return_tensors="pt")
+        head = self.processor(text=[e.prompt for e in examples], images=images, padding="longest", padding_side="left",
+                              return_tensors="pt")
+        labels = torch.full_like(full["input_ids"], -100)
+        for row in range(len(examples)):
+            real = full["attention_mask"][row].nonzero().flatten()
+            n_prompt = int(head["attention_mask"][row].sum())
+            labels[row, real[n_prompt:]] = full["input_ids"][row, real[n_prompt:]]
+        full["labels"] = labels
+        return self._to(full, device)
+
+    def prompt_batch(self, prompts: list[str], arrays: list[np.ndarray], device) -> dict:
+        batch = self.processor(text=prompts, images=self._images(arrays), padding="longest", padding_side="left",
+                               return_tensors="pt")
+        return self._to(batch, device)
+
+    def forward_loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        return model(**batch).loss
+
+    def generate_ids(self, model: torch.nn.Module, batch: dict, max_new_tokens: int) -> torch.Tensor:
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=self.tokenizer.pad_token_id)
+        return out[:, batch["input_ids"].shape[1]:]
+
+    def decode(self, new_ids: torch.Tensor) -> list[str]:
+        return [t.strip() for t in self.processor.batch_decode(new_ids, skip_special_tokens=True)]
+
+    def vision_features(self, arrays, device):
+        raise BenchError(f"--similarity/--recommend embed images with the embedded model's vision encoder only so far; "
+                         f"{self.model_type} is not supported yet (use --model tiny-minicpmv for the distances)")
+
+
+def register_image_only_processors() -> None:
+    """Without torchvision, transformers 5 cannot build processors that declare a video processor
+    (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, SmolVLM): the constructor type-checks the empty video slot
+    against a torchvision-only class. Image+text subclasses, registered with AutoProcessor, load the
+    same saved files. With torchvision installed nothing is changed."""
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():
+        return
+    import transformers
+    from transformers import AutoProcessor
+
+    try:
+        from transformers.models.smolvlm import processing_smolvlm
+
+        if getattr(processing_smolvlm, "num2words", None) is None:  # only video frame counts are spelled out
+            processing_smolvlm.num2words = str
+    except ImportError:
+        pass
+    for proc_name, config_name in (("Qwen2VLProcessor", "Qwen2VLConfig"), ("Qwen2_5_VLProcessor", "Qwen2_5_VLConfig"),
+                                   ("LlavaOnevisionProcessor", "LlavaOnevisionConfig"), ("SmolVLMProcessor", "SmolVLMConfig")):
+        parent, config = getattr(transformers, proc_name), getattr(transformers, config_name)
+        AutoProcessor.register(config, image_only(parent), exist_ok=True)
+
+
+_IMAGE_ONLY: dict[type, type] = {}
+
+
+def image_only(parent: type) -> type:
+    """``parent`` without its ``video_processor`` argument. The subclass's ``__init__`` names every other
+    parameter explicitly: ProcessorMixin saves and restores only the attributes its signature names
+    (a ``**kwargs`` catch-all silently drops the chat template and token counts on reload)."""
+    if parent in _IMAGE_ONLY:
+        return _IMAGE_ONLY[parent]
+    from transformers.processing_utils import ProcessorMixin
+
+    params = [p for n, p in inspect.signature(parent.__init__).parameters.items()
+              if n not in ("self", "image_processor", "tokenizer", "video_processor") and p.kind is p.POSITIONAL_OR_KEYWORD]
+    defaults = {p.name: None if p.default is p.empty else p.default for p in params}
+    head = "".join(f", {p.name}=_d[{p.name!r}]" for p in params)
+    call = "".join(f", {p.name}={p.name}" for p in params)
+    namespace = {"_parent": parent, "_d": defaults}
+    exec(f"def __init__(self, image_processor=None, tokenizer=None{head}, **kwargs):\n"  # noqa: S102 - generated signature
+         f"    _parent.__init__(self, image_processor, tokenizer, None{call}, **kwargs)\n", namespace)
+    attrs = {"__init__": namespace["__init__"], "__module__": __name__}
+    if "apply_chat_template" in parent.__dict__:  # SmolVLM's reads the (absent) video processor's settings
+        attrs["apply_chat_template"] = ProcessorMixin.apply_chat_template
+    sub = type(parent.__name__.replace("Processor", "ImageOnlyProcessor"), (parent,), attrs)
+    _IMAGE_ONLY[parent] = sub
+    globals()[sub.__name__] = sub
+    return sub

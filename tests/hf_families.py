@@ -1,0 +1,306 @@
+"""Tiny random checkpoints of the transformers-native families, built offline for the tests.
+
+Each builder makes a character-level tokenizer with the family's special tokens and chat template,
+the family's processor (PIL image processor) and a random model from its config class (hidden 32-64,
+two layers, 32x32 images). ``save(name, folder)`` writes a checkpoint folder ``--model`` can load.
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models
+from transformers import PreTrainedTokenizerFast
+
+from bench.models.hf import image_only, register_image_only_processors
+
+IMAGE_SIZE = 32
+
+
+def char_tokenizer(
+    *,
+    specials: list[str] | dict[str, str],
+    eos: str,
+    pad: str,
+    bos: str | None = None,
+    unk: str = "<unk>",
+    chat_template: str | None = None,
+    add_bos_token: bool = False,
+) -> PreTrainedTokenizerFast:
+    """Character-level tokenizer: one token per printable ASCII char (+ \\n, \\t), special tokens are
+    AddedTokens (never split). A BPE model with an empty merge list is exactly a char tokenizer; the Fuse
+    decoder joins tokens back without spaces.
+
+    `specials` as a dict ({"image_token": "<image>", ...}) makes transformers 5 expose them as named
+    attributes (tokenizer.image_token / tokenizer.image_token_id), which several processors look up.
+    """
+    vocab = {unk: 0}
+    for ch in ["\n", "\t"] + [chr(i) for i in range(32, 127)]:
+        vocab[ch] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=unk))
+    backend.decoder = decoders.Fuse()
+    kwargs = dict(tokenizer_object=backend, unk_token=unk, eos_token=eos, pad_token=pad, extra_special_tokens=specials)
+    if bos is not None:
+        kwargs["bos_token"] = bos
+    if add_bos_token:
+        kwargs["add_bos_token"] = True
+    tok = PreTrainedTokenizerFast(**kwargs)
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    return tok
+
+
+CHATML_QWEN_VL = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CHATML_ONEVISION = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }} "
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>\n{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+LLAVA_15 = (
+    "{% for m in messages %}{{ m['role'].upper() + ': ' }}"
+    "{% if m['content'] is string %}{{ m['content'] + ' ' }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] + ' ' }}{% endif %}{% endfor %}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+IDEFICS3 = (
+    "<|begin_of_text|>{% for m in messages %}{{ m['role'] | capitalize }}"
+    "{% if m['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% elif c['type'] == 'image' %}"
+    "{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+def qwen_tokenizer():
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+    return char_tokenizer(specials=specials, eos="<|im_end|>", pad="<|endoftext|>", chat_template=CHATML_QWEN_VL)
+
+
+def qwen_vl_common(tok, rope_theta=10000.0):
+    ids = tok.convert_tokens_to_ids
+    text = dict(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512,
+        # head_dim = 64/4 = 16 -> rotary half-dim 8 = sum(mrope_section) (temporal, height, width)
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "mrope_section": [2, 3, 3]},
+        bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+    )
+    top = dict(
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+    )
+    return text, top
+
+
+def qwen_image_processor():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    # min_pixels == max_pixels == 32*32 pins every image to a 32x32 canvas; factor = patch*merge = 16
+    return Qwen2VLImageProcessorPil(
+        patch_size=8, temporal_patch_size=2, merge_size=2,
+        size={"shortest_edge": IMAGE_SIZE * IMAGE_SIZE, "longest_edge": IMAGE_SIZE * IMAGE_SIZE},
+    )
+
+
+def build_qwen2_vl():
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+
+    tok = qwen_tokenizer()
+    proc = image_only(Qwen2VLProcessor)(
+        image_processor=qwen_image_processor(), tokenizer=tok, chat_template=CHATML_QWEN_VL
+    )
+    text, top = qwen_vl_common(tok)
+    cfg = Qwen2VLConfig(
+        text_config=text,
+        # vision: embed_dim = ViT width; hidden_size = merger OUTPUT width (must equal text hidden_size)
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=8,
+                           spatial_merge_size=2, temporal_patch_size=2),
+        **top,
+    )
+    model = Qwen2VLForConditionalGeneration(cfg)
+    return {"model": model, "processor": proc}
+
+
+def build_qwen2_5_vl():
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+
+    tok = qwen_tokenizer()
+    proc = image_only(Qwen2_5_VLProcessor)(
+        image_processor=qwen_image_processor(), tokenizer=tok, chat_template=CHATML_QWEN_VL
+    )
+    text, top = qwen_vl_common(tok)
+    cfg = Qwen2_5_VLConfig(
+        text_config=text,
+        # hidden_size = ViT width, out_hidden_size = merger output (= text hidden). window_size is in pixels
+        # (window of 16 px = 1 merged 2x2 unit); block 1 uses full attention, block 0 windowed attention.
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=8, spatial_merge_size=2, temporal_patch_size=2, window_size=16,
+                           fullatt_block_indexes=[1]),
+        **top,
+    )
+    model = Qwen2_5_VLForConditionalGeneration(cfg)
+    return {"model": model, "processor": proc}
+
+
+def build_llava():
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    tok = char_tokenizer(specials={"image_token": "<image>"}, bos="<s>", eos="</s>", pad="<pad>",
+                         chat_template=LLAVA_15, add_bos_token=True)
+    ip = LlavaImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    # CLIP has a CLS token (+1); "default" strategy drops it (-1): 32/8 squared = 16 image tokens
+    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1, chat_template=LLAVA_15)
+    ids = tok.convert_tokens_to_ids
+    cfg = LlavaConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=8, projection_dim=32),
+        text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=ids("<s>"), eos_token_id=ids("</s>"), pad_token_id=ids("<pad>")),
+        image_token_index=ids("<image>"), image_seq_length=16,
+        vision_feature_select_strategy="default", vision_feature_layer=-2,
+    )
+    model = LlavaForConditionalGeneration(cfg)
+    return {"model": model, "processor": proc}
+
+
+def build_llava_onevision():
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
+                              LlavaOnevisionProcessor)
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil)
+
+    pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
+    tok = char_tokenizer(specials={"image_token": "<image>", "video_token": "<video>"}, eos="<|im_end|>",
+                         pad="<|endoftext|>", chat_template=CHATML_ONEVISION)
+    tok.add_special_tokens({"extra_special_tokens": ["<|im_start|>", "<|endoftext|>"]}, replace_extra_special_tokens=False)
+    ip = LlavaOnevisionImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_grid_pinpoints=pinpoints)
+    # SigLIP (no CLS), "full" strategy: 16 base tokens; anyres adds the 1x1 grid tile + newline per row
+    proc = image_only(LlavaOnevisionProcessor)(
+        image_processor=ip, tokenizer=tok, num_image_tokens=16, vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9", chat_template=CHATML_ONEVISION,
+    )
+    ids = tok.convert_tokens_to_ids
+    cfg = LlavaOnevisionConfig(
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=8, vision_use_head=False),
+        text_config=dict(model_type="qwen2", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>")),
+        image_token_index=ids("<image>"), video_token_index=ids("<video>"),
+        vision_feature_select_strategy="full", vision_feature_layer=-1, image_grid_pinpoints=pinpoints,
+        vision_aspect_ratio="anyres_max_9",
+    )
+    model = LlavaOnevisionForConditionalGeneration(cfg)
+    return {"model": model, "processor": proc}
+
+
+def idefics_like_tokenizer(chat_template, bos, eos, pad):
+    named = {"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
+             "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"}
+    tok = char_tokenizer(specials=named, bos=bos, eos=eos, pad=pad, chat_template=chat_template)
+    # the processors look these up with convert_tokens_to_ids and insert them as text; without them
+    # in the vocab they would be spelled out char by char (and the id lookups return <unk>)
+    tiles = [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
+    tok.add_special_tokens({"extra_special_tokens": tiles}, replace_extra_special_tokens=False)
+    return tok
+
+
+def build_idefics3():
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    tok = idefics_like_tokenizer(IDEFICS3, bos="<|begin_of_text|>", eos="<end_of_utterance>", pad="<pad>")
+    ip = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": IMAGE_SIZE},
+                                   max_image_size={"longest_edge": IMAGE_SIZE})
+    # image_seq_len = (image_size/patch)^2 / scale_factor^2 = 16/4 = 4
+    proc = Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=4, chat_template=IDEFICS3)
+    ids = tok.convert_tokens_to_ids
+    cfg = Idefics3Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=IMAGE_SIZE, patch_size=8),
+        text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=ids("<|begin_of_text|>"), eos_token_id=ids("<end_of_utterance>"),
+                         pad_token_id=ids("<pad>")),
+        image_token_id=ids("<image>"), scale_factor=2, pad_token_id=ids("<pad>"),
+    )
+    model = Idefics3ForConditionalGeneration(cfg)
+    return {"model": model, "processor": proc}
+
+
+def build_smolvlm():
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMProcessor
+    from transformers.models.smolvlm import processing_smolvlm
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+    template = processing_smolvlm.DEFAULT_CHAT_TEMPLATE
+    tok = idefics_like_tokenizer(template, bos="<|im_start|>", eos="<end_of_utterance>", pad="<|im_end|>")
+    # 32x32 input -> resized to longest_edge 64 -> split into 2x2 tiles of 32 + 1 global 32x32 image
+    ip = SmolVLMImageProcessorPil(do_image_splitting=True, size={"longest_edge": 2 * IMAGE_SIZE},
+                                  max_image_size={"longest_edge": IMAGE_SIZE})
+    proc = image_only(SmolVLMProcessor)(
+        image_processor=ip, tokenizer=tok, image_seq_len=4, chat_template=template)
+    ids = tok.convert_tokens_to_ids
+    cfg = SmolVLMConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=IMAGE_SIZE, patch_size=8),
+        text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         bos_token_id=ids("<|im_start|>"), eos_token_id=ids("<end_of_utterance>"),
+                         pad_token_id=ids("<|im_end|>")),
+        image_token_id=ids("<image>"), scale_factor=2, pad_token_id=ids("<|im_end|>"),
+    )
+    model = SmolVLMForConditionalGeneration(cfg)
+    return {"model": model, "processor": proc}
+
+
+def build_paligemma():
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    tok = char_tokenizer(specials=[], bos="<bos>", eos="<eos>", pad="<pad>")
+    ip = SiglipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    ip.image_seq_length = 16  # (32/8)^2; PaliGemmaProcessor refuses an image processor without it
+    proc = PaliGemmaProcessor(image_processor=ip, tokenizer=tok)  # adds <image> + 1024 <locXXXX> + 128 <segXXX>
+    ids = tok.convert_tokens_to_ids
+    cfg = PaliGemmaConfig(
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=8, vision_use_head=False),
+        text_config=dict(model_type="gemma", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                         max_position_embeddings=512, bos_token_id=ids("<bos>"), eos_token_id=ids("<eos>"),
+                         pad_token_id=ids("<pad>")),
+        image_token_index=ids("<image>"), vocab_size=len(tok), projection_dim=64, hidden_size=64,
+    )
+    model = PaliGemmaForConditionalGeneration(cfg)
+    return {"model": model, "processor": proc}
+
+
+FAMILIES = {
+    "qwen2_vl": build_qwen2_vl,
+    "qwen2_5_vl": build_qwen2_5_vl,
+    "llava": build_llava,
+    "llava_onevision": build_llava_onevision,
+    "idefics3": build_idefics3,
+    "smolvlm": build_smolvlm,
+    "paligemma": build_paligemma,
+}
+
+
+def save(name: str, folder) -> None:
+    """Build family ``name`` with seed 0 and save model + processor to ``folder``."""
+    register_image_only_processors()
+    torch.manual_seed(0)
+    built = FAMILIES[name]()
+    built["model"].save_pretrained(folder)
+    built["processor"].save_pretrained(folder)

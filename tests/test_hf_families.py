@@ -1,0 +1,115 @@
+"""transformers-native families: tiny random checkpoints built offline, driven through --model FOLDER."""
+
+import json
+import re
+
+import pytest
+import torch
+
+import hf_families
+from bench.models import get_adapter
+from bench.models.hf import FAMILIES
+from bench.space import TARGET_SETS, VISION_POLICIES, build_cells
+from bench.train import resolve
+from conftest import run_cli
+
+NAMES = sorted(FAMILIES)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    for name in NAMES:
+        hf_families.save(name, root / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def adapters(checkpoints):
+    loaded = {}
+    for name in NAMES:
+        adapter = get_adapter(str(checkpoints / name))
+        adapter.load(torch.device("cpu"))
+        loaded[name] = adapter
+    return loaded
+
+
+def test_every_family_is_covered_by_a_builder():
+    assert set(hf_families.FAMILIES) == set(FAMILIES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_role_map_matches_the_model(adapters, name):
+    adapter = adapters[name]
+    modules = dict(adapter.model.named_modules())
+    roles = adapter.roles
+    layers = {m.group(0) for n in modules if (m := re.match(roles.llm_layer, n))}
+    assert layers, "the LLM layer pattern matches decoder layers"
+    for role in [*roles.attention, *roles.mlp]:
+        hits = [n for n in modules if re.fullmatch(roles.llm_pattern((role,)), n)]
+        assert len(hits) == len(layers) and all(isinstance(modules[n], torch.nn.Linear) for n in hits), role
+    vision_linear = [n for n in modules if re.fullmatch(roles.vision_linear, n)]
+    assert vision_linear and all(n.startswith(roles.vision + ".") for n in vision_linear)
+    assert not any(n.startswith(roles.connector + ".") for n in vision_linear), "the connector is not LoRA'd as vision"
+    assert roles.vision in modules and roles.connector in modules
+    for cell in build_cells(list(TARGET_SETS), [4], list(VISION_POLICIES)):
+        resolution = resolve(adapter.model, roles, cell)
+        assert all(name in modules for name in resolution.full)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_labels_cover_the_answer_and_end_of_turn_only(adapters, name):
+    from PIL import Image
+
+    adapter = adapters[name]
+    image = Image.new("RGB", (64, 64), (200, 30, 30))
+    examples = [adapter.example("What colour is it?", image, answer) for answer in ("red", "green")]
+    batch = adapter.train_batch(examples, torch.device("cpu"))
+    for row, answer in enumerate(("red", "green")):
+        labelled = batch["labels"][row][batch["labels"][row] != -100]
+        text = adapter.tokenizer.decode(labelled)
+        assert text.strip().startswith(answer) and text.strip() != answer, text  # answer + an end-of-turn token
+    loss = adapter.forward_loss(adapter.model, batch)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_smoke_matrix_through_model_folder(checkpoints, tmp_path, name, capsys):
+    """The same entry point as the command line, in process (one family also as a subprocess below)."""
+    from bench.cli import main
+
+    out = tmp_path / "out"
+    code = main(["--suite", "docvqa", "--preset", "smoke", "--targets", "qv", "--vision", "frozen,vpm-lora",
+                 "--limit", "16", "--model", str(checkpoints / name), "--out", str(out)])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    records = [json.loads(p.read_text()) for p in (out / "records" / "docvqa").glob("*.json")]
+    cells = [r for r in records if r["kind"] == "cell"]
+    assert len(cells) == 2 and all(r["status"] == "ok" for r in cells), [r.get("error") for r in cells]
+    assert all(r["train"]["steps"] == 6 and len(r["losses"]) == 6 for r in cells)
+    assert any(r["kind"] == "base" for r in records)
+    assert {r["cell"]["vision"] for r in cells} == {"frozen", "vpm-lora"}
+    assert "LoRA on" in capsys.readouterr().out  # the resolution is reported before training
+
+
+def test_model_folder_from_the_command_line(checkpoints, tmp_path):
+    out = tmp_path / "cli"
+    result = run_cli("--suite", "docvqa", "--preset", "smoke", "--targets", "qk", "--vision", "resampler+vpm",
+                     "--limit", "16", "--model", str(checkpoints / "qwen2_vl"), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "fully trained: model.visual" in result.stdout  # the merger is inside the vision tower: trained once
+    assert (out / "results.md").is_file()
+
+
+def test_folder_without_processor_is_one_line(checkpoints, tmp_path, capsys):
+    import shutil
+
+    from bench.cli import main
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in (checkpoints / "llava").iterdir():
+        if f.name == "config.json" or f.suffix == ".safetensors":
+            shutil.copy(f, broken / f.name)
+    assert main(["--suite", "docvqa", "--preset", "smoke", "--model", str(broken), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and str(broken) in err
