@@ -83,6 +83,7 @@ class HFAdapter(VLMAdapter):
         from transformers.processing_utils import ProcessorMixin
 
         transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()  # our own progress bars report the work
         register_image_only_processors()
         dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
         try:
