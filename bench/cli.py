@@ -50,6 +50,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="training batch size")
     p.add_argument("--lr", type=float, help="learning rate")
     p.add_argument("--lora-dropout", type=float, help="LoRA dropout")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass: same numbers, less memory")
     p.add_argument("--train-items", type=int, help="training items per suite (generated suites)")
     p.add_argument("--test-items", type=int, help="test items per suite (generated suites)")
     p.add_argument("--data", help="a real dataset (file or folder: TextVQA/DocVQA/ChartQA JSON, or parquet shards) instead of the suite's generator")

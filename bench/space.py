@@ -55,9 +55,13 @@ class TrainSettings:
     max_grad_norm: float = 1.0
     train_items: int | None = None  # None: the suite's default
     test_items: int | None = None
+    gradient_checkpointing: bool = False  # same numbers, less activation memory, ~30% more compute
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if not self.gradient_checkpointing:  # records made before the option existed keep their keys
+            del out["gradient_checkpointing"]
+        return out
 
 
 @dataclass(frozen=True)

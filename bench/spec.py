@@ -101,6 +101,7 @@ def from_args(args) -> Spec:
         "lora_dropout": args.lora_dropout,
         "train_items": args.train_items,
         "test_items": args.test_items,
+        "gradient_checkpointing": True if getattr(args, "gradient_checkpointing", False) else None,
     }
     for key, value in overrides.items():
         if value is None:

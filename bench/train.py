@@ -109,6 +109,22 @@ class TrainResult:
         return self.tokens / self.train_s if self.train_s else 0.0
 
 
+def _gradient_checkpointing(model: torch.nn.Module, enable: bool) -> list:
+    """Turn on (non-reentrant) gradient checkpointing in every transformers model inside ``model``
+    (the whole VLM, or the vision encoder and LLM of a composite one); returns those to turn off."""
+    if not enable:
+        return []
+    from transformers import PreTrainedModel
+
+    found = [m for m in model.modules() if isinstance(m, PreTrainedModel) and m.supports_gradient_checkpointing]
+    outer = [m for m in found if not any(m is not o and any(c is m for c in o.modules()) for o in found)]
+    if not outer:
+        raise BenchError("--gradient-checkpointing: this model has no transformers module that supports it")
+    for m in outer:
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return outer
+
+
 def batch_order(n_examples: int, steps: int, batch_size: int, seed: int) -> list[list[int]]:
     """Epoch-wise shuffled indices, fixed by ``seed`` alone (same for every cell with that seed)."""
     gen = torch.Generator().manual_seed(seed)
@@ -133,6 +149,7 @@ def train(adapter, peft_model, examples: list[Example], settings: TrainSettings,
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    checkpointed = _gradient_checkpointing(peft_model, settings.gradient_checkpointing)
     model, optimizer = accelerator.prepare(peft_model, optimizer)
     batches = batch_order(len(examples), steps, settings.batch_size, seed)
     losses, tokens = [], 0
@@ -158,6 +175,8 @@ def train(adapter, peft_model, examples: list[Example], settings: TrainSettings,
                     on_step(step + 1, value)
     finally:
         accelerator.free_memory()
+        for module in checkpointed:
+            module.gradient_checkpointing_disable()
     model.eval()
     return TrainResult(
         losses=losses,

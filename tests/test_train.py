@@ -112,3 +112,23 @@ def test_nan_loss_stops_the_run_as_diverged(tiny, examples):
     finally:
         tiny.model = detach(peft_model)
     assert fingerprint(tiny.model) == before
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tiny, examples):
+    """Recomputing activations changes memory, not numbers (and it is switched off again afterwards)."""
+    from transformers import PreTrainedModel
+
+    cell = Cell("all", 4, 8, "resampler+vpm")
+    res = resolve(tiny.model, tiny.roles, cell)
+    losses = {}
+    for checkpointing in (False, True):
+        settings = TrainSettings(steps=4, batch_size=8, lr=1e-3, warmup_steps=1, lora_dropout=0.0,
+                                 gradient_checkpointing=checkpointing)
+        peft_model = attach(tiny.model, res, cell, 0.0, 0)
+        try:
+            losses[checkpointing] = train(tiny, peft_model, examples, settings, 0, Accelerator(cpu=True)).losses
+        finally:
+            tiny.model = detach(peft_model)
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5, abs=1e-6)
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in tiny.model.modules() if isinstance(m, PreTrainedModel))
+    assert "gradient_checkpointing" not in TrainSettings(steps=1, batch_size=1, lr=1.0).to_dict()
