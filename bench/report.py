@@ -345,26 +345,35 @@ def importance_table(study, objectives: tuple[str, ...], suite: str | None = Non
     varying = [p for p in sorted({p for t in trials for p in t.params}) if len({repr(t.params.get(p)) for t in trials}) > 1]
     if len(trials) < 4 or not varying:
         return f"Parameter importance: needs at least 4 finished trials with varying parameters (have {len(trials)}).\n"
-    rows = {}
+    rows, constant = {}, []
     for i, objective in enumerate(objectives):
+        if len({t.values[i] for t in trials}) < 2:  # fANOVA has no variance to split
+            constant.append(objective)
+            continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             rows[f"{objective} (fANOVA)"] = get_param_importances(
                 sub, evaluator=FanovaImportanceEvaluator(seed=0), params=varying, target=lambda t, i=i: t.values[i])
-    if len(objectives) == 1 and len(trials) >= 10:
+    if len(objectives) == 1 and len(trials) >= 10 and not constant:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             rows["score (PED-ANOVA, top 10%)"] = get_param_importances(sub, evaluator=PedAnovaImportanceEvaluator(), params=varying)
     elif len(objectives) > 1 and len(trials) >= 10:
         rank = {(tuple(t.values), repr(t.params)): r for r, front in enumerate(_pareto_ranks(sub)) for t in front}
+    else:
+        rank = {}
+    if len(set(rank.values())) > 1:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             rows["Pareto rank (PED-ANOVA)"] = get_param_importances(
                 sub, evaluator=PedAnovaImportanceEvaluator(), params=varying,
                 target=lambda t: float(rank.get((tuple(t.values), repr(t.params)), 0)))
+    note = f"Parameter importance: {', '.join(constant)} did not vary over the trials, so no factor explains it.\n" if constant else ""
+    if not rows:
+        return note
     frame_ = pd.DataFrame(rows).T.fillna(0.0)
     frame_ = frame_[sorted(frame_.columns, key=lambda c: -frame_[c].max())]
-    return "Parameter importance (share of variance explained; per objective):\n\n" + frame_.to_markdown(floatfmt=".2f") + "\n"
+    return note + "Parameter importance (share of variance explained; per objective):\n\n" + frame_.to_markdown(floatfmt=".2f") + "\n"
 
 
 def _pareto_ranks(study) -> list[list]:

@@ -116,3 +116,25 @@ def test_cross_suite_table_has_base_row():
     assert table.index[0] == "all-r8-a16-resampler" and table.index[-1] == "(base model)"
     assert abs(table.loc["(base model)", "shapes"] - 0.05) < 1e-9
     assert "## Across suites" in report.markdown(report.frame(records), records, "cmd", {})
+
+
+def test_importance_with_scores_that_never_vary():
+    """A matrix where every cell scores the same (a tiny random model) must still write its report."""
+    import optuna
+
+    from bench.report import importance_table
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for i in range(12):
+        trial = study.ask({"targets": optuna.distributions.CategoricalDistribution(["qk", "qv", "all"])})
+        trial.set_user_attr("run", f"r{i}")
+        study.tell(trial, [0.0, 100.0 + i])
+    text = importance_table(study, ("score", "memory"))
+    assert "score did not vary" in text and "memory (fANOVA)" in text
+    single = optuna.create_study(direction="maximize")
+    for _ in range(12):
+        trial = single.ask({"targets": optuna.distributions.CategoricalDistribution(["qk", "qv", "all"])})
+        trial.set_user_attr("run", "r")
+        single.tell(trial, 0.0)
+    assert "did not vary" in importance_table(single, ("score",))

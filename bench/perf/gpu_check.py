@@ -1,0 +1,179 @@
+"""The GPU check: what only a GPU can show, in one run of under ten minutes on one H100/H200.
+
+    python -m bench.perf.gpu_check --out results/gpu-check        # needs CUDA
+    python -m bench.perf.gpu_check --cpu-dry-run --out /tmp/gc    # the same code path, tiny sizes, on CPU
+
+1. The smoke matrix on CUDA in bf16 for the embedded model and for a tiny random Qwen2-VL checkpoint
+   (built offline): every run ok, CUDA peak memory and throughput recorded.
+2. One LoRA training step timed on a synthetic ~1B-parameter Qwen2-VL (random weights, bf16; LoRA
+   r=16 on every LLM linear; batch x sequence of realistic length with image tokens): tokens/s,
+   CUDA peak memory, and model-FLOPs utilisation. FLOPs are counted as 2 x params x tokens for the
+   forward pass and twice that again for the backward (6NT, the usual MFU convention); with LoRA the
+   frozen weights' gradients are never computed, so 4NT is the work actually needed and is reported
+   next to it.
+
+Writes ``gpu-check.md`` and ``gpu-check.json`` named after the card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
+
+
+def peak_tflops(name: str, override: float | None) -> float | None:
+    if override:
+        return override
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def smoke(model: str | None, out: Path, device: str) -> dict:
+    cmd = [sys.executable, str(ROOT / "run_bench.py"), "--suite", "docvqa", "--preset", "smoke", "--device", device,
+           "--save-adapters", "none", "--out", str(out)] + (["--model", model] if model else [])
+    shutil.rmtree(out, ignore_errors=True)  # measure afresh: an earlier run's records would be reused
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        return {"ok": False, "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed", "wall_s": round(wall, 1)}
+    df = pd.read_csv(out / "results.csv")
+    cells = df[df.kind == "cell"]
+    return {"ok": bool((cells.status == "ok").all()), "runs": len(cells), "wall_s": round(wall, 1),
+            "memory_kind": sorted(cells.memory_kind.dropna().unique()),
+            "peak_mem_mib": [round(float(v), 1) for v in cells.peak_mem_mib],
+            "train_samples_per_s": [round(float(v), 1) for v in cells.train_samples_per_s],
+            "recorded": bool(cells.peak_mem_mib.notna().all() and (cells.train_samples_per_s > 0).all())}
+
+
+def synthetic_qwen2_vl(dry: bool):
+    """A random Qwen2-VL: ~1.0B parameters (or a toy on --cpu-dry-run)."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    if dry:
+        text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2)
+        rope = [2, 3, 3]
+    else:
+        text = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4)
+        vision = dict(depth=16, embed_dim=1024, hidden_size=2048, num_heads=16)
+        rope = [16, 24, 24]
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=32000, max_position_embeddings=4096, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                                                           "mrope_section": rope}, **text),
+        vision_config=dict(mlp_ratio=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, **vision),
+        image_token_id=31000, video_token_id=31001, vision_start_token_id=31002, vision_end_token_id=31003,
+    )
+    return Qwen2VLForConditionalGeneration(config), config
+
+
+def lora_step(dry: bool, device: torch.device, batch: int, seq: int, grid: int, steps: int) -> dict:
+    from peft import LoraConfig, get_peft_model
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with torch.device(device):
+        model, config = synthetic_qwen2_vl(dry)
+    model = model.to(dtype)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_vision = sum(p.numel() for p in model.model.visual.parameters())
+    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=r"model\.language_model\.layers\.\d+\.(?:self_attn\.(?:q|k|v|o)_proj|mlp\.(?:gate|up|down)_proj)"))
+    image_tokens = grid * grid // 4
+    ids = torch.randint(0, 30000, (batch, seq), device=device)
+    ids[:, 1] = config.vision_start_token_id
+    ids[:, 2:2 + image_tokens] = config.image_token_id
+    ids[:, 2 + image_tokens] = config.vision_end_token_id
+    patches = grid * grid
+    pixels = torch.randn(batch * patches, 3 * 2 * 14 * 14, device=device, dtype=dtype)
+    thw = torch.tensor([[1, grid, grid]] * batch, device=device)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels, "image_grid_thw": thw,
+              "mm_token_type_ids": (ids == config.image_token_id).long(), "labels": ids}
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
+    peft_model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for step in range(steps + 2):  # two warm-up steps
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+            loss = peft_model(**inputs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if step >= 2:
+            times.append(time.perf_counter() - start)
+    step_s = sorted(times)[len(times) // 2]
+    tokens = batch * seq
+    llm_params = n_params - n_vision
+    forward = 2 * llm_params * tokens + 2 * n_vision * batch * patches
+    return {"params": n_params, "vision_params": n_vision, "batch": batch, "seq": seq, "image_tokens": image_tokens,
+            "step_s_median": step_s, "tokens_per_s": tokens / step_s, "flops_6nt": 3 * forward, "flops_4nt": 2 * forward,
+            "cuda_peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+            "loss": float(loss)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("results/gpu-check"))
+    p.add_argument("--cpu-dry-run", action="store_true", help="tiny sizes on CPU: checks the script, measures nothing")
+    p.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak, if not in the built-in table")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=10)
+    args = p.parse_args(argv)
+    if not args.cpu_dry_run and not torch.cuda.is_available():
+        print("error: no CUDA GPU; run this on a GPU machine, or pass --cpu-dry-run to check the script", file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if args.cpu_dry_run else "cuda")
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)"
+    report = {"card": card, "torch": torch.__version__, "command": "python -m bench.perf.gpu_check " + " ".join(argv or sys.argv[1:])}
+    sys.path.insert(0, str(ROOT / "tests"))
+    import hf_families
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_families.save("qwen2_vl", Path(tmp) / "qwen2_vl")
+        report["smoke_tiny_minicpmv"] = smoke(None, args.out / "smoke-tiny-minicpmv", device.type)
+        report["smoke_tiny_qwen2_vl"] = smoke(str(Path(tmp) / "qwen2_vl"), args.out / "smoke-tiny-qwen2-vl", device.type)
+    batch, seq, steps = (2, 96, 2) if args.cpu_dry_run else (args.batch, args.seq, args.steps)
+    step = lora_step(args.cpu_dry_run, device, batch, seq, grid=8 if args.cpu_dry_run else 32, steps=steps)
+    peak = peak_tflops(card, args.peak_tflops)
+    achieved = step["flops_6nt"] / step["step_s_median"] / 1e12
+    step.update(achieved_tflops_6nt=achieved, achieved_tflops_4nt=step["flops_4nt"] / step["step_s_median"] / 1e12,
+                peak_tflops=peak, mfu_6nt=achieved / peak if peak else None,
+                mfu_4nt=step["flops_4nt"] / step["step_s_median"] / 1e12 / peak if peak else None)
+    report["lora_step_1b"] = step
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu-check.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    lines = [f"# GPU check: {card}", "", f"Command: `{report['command']}`; torch {torch.__version__}", ""]
+    for name in ("smoke_tiny_minicpmv", "smoke_tiny_qwen2_vl"):
+        r = report[name]
+        lines.append(f"- {name}: ok={r.get('ok')}, memory recorded={r.get('recorded')}, kind={r.get('memory_kind')}, "
+                     f"peak MiB {r.get('peak_mem_mib')}, samples/s {r.get('train_samples_per_s')}, wall {r.get('wall_s')} s"
+                     + (f", error: {r['error']}" if r.get("error") else ""))
+    s = step
+    lines += ["", f"- LoRA step, synthetic Qwen2-VL {s['params'] / 1e9:.2f}B params ({s['vision_params'] / 1e6:.0f}M vision), "
+              f"batch {s['batch']} x {s['seq']} tokens ({s['image_tokens']} image tokens each): median step {s['step_s_median'] * 1e3:.0f} ms, "
+              f"{s['tokens_per_s']:.0f} tokens/s, CUDA peak {s['cuda_peak_gib'] if s['cuda_peak_gib'] is None else round(s['cuda_peak_gib'], 1)} GiB",
+              f"- model FLOPs: {s['achieved_tflops_6nt']:.0f} TFLOP/s by 6NT"
+              + (f" = MFU {s['mfu_6nt']:.0%} of {peak:.0f}; by 4NT (what LoRA computes) {s['mfu_4nt']:.0%}" if peak else " (no peak known)"), ""]
+    (args.out / "gpu-check.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
