@@ -14,6 +14,8 @@ from transformers import PreTrainedTokenizerFast
 from bench.models.hf import image_only, register_image_only_processors
 
 IMAGE_SIZE = 32
+TINY_SIGLIP = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=8, vision_use_head=False)
 
 
 def char_tokenizer(
@@ -109,44 +111,30 @@ def qwen_image_processor():
     )
 
 
-def build_qwen2_vl():
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+def build_qwen(config_name: str, model_name: str, processor_name: str, vision: dict):
+    import transformers
 
     tok = qwen_tokenizer()
-    proc = image_only(Qwen2VLProcessor)(
-        image_processor=qwen_image_processor(), tokenizer=tok, chat_template=CHATML_QWEN_VL
-    )
+    proc = image_only(getattr(transformers, processor_name))(
+        image_processor=qwen_image_processor(), tokenizer=tok, chat_template=CHATML_QWEN_VL)
     text, top = qwen_vl_common(tok)
-    cfg = Qwen2VLConfig(
-        text_config=text,
-        # vision: embed_dim = ViT width; hidden_size = merger OUTPUT width (must equal text hidden_size)
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=8,
-                           spatial_merge_size=2, temporal_patch_size=2),
-        **top,
-    )
-    model = Qwen2VLForConditionalGeneration(cfg)
-    return {"model": model, "processor": proc}
+    config = getattr(transformers, config_name)(text_config=text, vision_config=vision, **top)
+    return {"model": getattr(transformers, model_name)(config), "processor": proc}
+
+
+def build_qwen2_vl():
+    # embed_dim = ViT width; hidden_size = the merger's OUTPUT width (must equal the text hidden size)
+    return build_qwen("Qwen2VLConfig", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor",
+                      dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=8,
+                           spatial_merge_size=2, temporal_patch_size=2))
 
 
 def build_qwen2_5_vl():
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
-
-    tok = qwen_tokenizer()
-    proc = image_only(Qwen2_5_VLProcessor)(
-        image_processor=qwen_image_processor(), tokenizer=tok, chat_template=CHATML_QWEN_VL
-    )
-    text, top = qwen_vl_common(tok)
-    cfg = Qwen2_5_VLConfig(
-        text_config=text,
-        # hidden_size = ViT width, out_hidden_size = merger output (= text hidden). window_size is in pixels
-        # (window of 16 px = 1 merged 2x2 unit); block 1 uses full attention, block 0 windowed attention.
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                           patch_size=8, spatial_merge_size=2, temporal_patch_size=2, window_size=16,
-                           fullatt_block_indexes=[1]),
-        **top,
-    )
-    model = Qwen2_5_VLForConditionalGeneration(cfg)
-    return {"model": model, "processor": proc}
+    # hidden_size = ViT width, out_hidden_size = merger output (= text hidden); window_size is in pixels
+    # (16 px = one merged 2x2 unit): block 0 runs windowed attention, block 1 full attention
+    return build_qwen("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor",
+                      dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=8,
+                           spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1]))
 
 
 def build_llava():
@@ -191,8 +179,7 @@ def build_llava_onevision():
     )
     ids = tok.convert_tokens_to_ids
     cfg = LlavaOnevisionConfig(
-        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=8, vision_use_head=False),
+        vision_config=dict(TINY_SIGLIP),
         text_config=dict(model_type="qwen2", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>")),
@@ -215,6 +202,20 @@ def idefics_like_tokenizer(chat_template, bos, eos, pad):
     return tok
 
 
+def idefics_like_config(config_cls, tok, bos, pad, max_positions):
+    """Idefics3 and SmolVLM: a tiny SigLIP-like encoder, pixel-shuffle connector (scale 2), Llama text model."""
+    ids = tok.convert_tokens_to_ids
+    return config_cls(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=IMAGE_SIZE, patch_size=8),
+        text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=max_positions, bos_token_id=ids(bos),
+                         eos_token_id=ids("<end_of_utterance>"), pad_token_id=ids(pad)),
+        image_token_id=ids("<image>"), scale_factor=2, pad_token_id=ids(pad),
+    )
+
+
 def build_idefics3():
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
@@ -224,17 +225,7 @@ def build_idefics3():
                                    max_image_size={"longest_edge": IMAGE_SIZE})
     # image_seq_len = (image_size/patch)^2 / scale_factor^2 = 16/4 = 4
     proc = Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=4, chat_template=IDEFICS3)
-    ids = tok.convert_tokens_to_ids
-    cfg = Idefics3Config(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=IMAGE_SIZE, patch_size=8),
-        text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=ids("<|begin_of_text|>"), eos_token_id=ids("<end_of_utterance>"),
-                         pad_token_id=ids("<pad>")),
-        image_token_id=ids("<image>"), scale_factor=2, pad_token_id=ids("<pad>"),
-    )
-    model = Idefics3ForConditionalGeneration(cfg)
+    model = Idefics3ForConditionalGeneration(idefics_like_config(Idefics3Config, tok, "<|begin_of_text|>", "<pad>", 512))
     return {"model": model, "processor": proc}
 
 
@@ -250,17 +241,7 @@ def build_smolvlm():
                                   max_image_size={"longest_edge": IMAGE_SIZE})
     proc = image_only(SmolVLMProcessor)(
         image_processor=ip, tokenizer=tok, image_seq_len=4, chat_template=template)
-    ids = tok.convert_tokens_to_ids
-    cfg = SmolVLMConfig(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=IMAGE_SIZE, patch_size=8),
-        text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         bos_token_id=ids("<|im_start|>"), eos_token_id=ids("<end_of_utterance>"),
-                         pad_token_id=ids("<|im_end|>")),
-        image_token_id=ids("<image>"), scale_factor=2, pad_token_id=ids("<|im_end|>"),
-    )
-    model = SmolVLMForConditionalGeneration(cfg)
+    model = SmolVLMForConditionalGeneration(idefics_like_config(SmolVLMConfig, tok, "<|im_start|>", "<|im_end|>", 1024))
     return {"model": model, "processor": proc}
 
 
@@ -274,8 +255,7 @@ def build_paligemma():
     proc = PaliGemmaProcessor(image_processor=ip, tokenizer=tok)  # adds <image> + 1024 <locXXXX> + 128 <segXXX>
     ids = tok.convert_tokens_to_ids
     cfg = PaliGemmaConfig(
-        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=8, vision_use_head=False),
+        vision_config=dict(TINY_SIGLIP),
         text_config=dict(model_type="gemma", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
                          max_position_embeddings=512, bos_token_id=ids("<bos>"), eos_token_id=ids("<eos>"),
