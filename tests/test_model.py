@@ -66,6 +66,6 @@ def test_corrupted_checkpoint_is_a_clear_error(tmp_path):
 def test_unknown_model_is_a_clear_error(tmp_path):
     with pytest.raises(BenchError, match="unknown model"):
         get_adapter("gpt-17")
-    (tmp_path / "config.json").write_text('{"model_type": "llava"}')
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(BenchError, match="no adapter knows"):
         get_adapter(str(tmp_path))
