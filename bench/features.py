@@ -9,6 +9,7 @@ weights, image set, sample) and kept as ``.npz`` under the cache, so repeated ca
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import random
 from collections.abc import Callable
@@ -39,14 +40,18 @@ def _sample(items: list, n: int, seed: int) -> list:
     return sorted(random.Random(seed).sample(items, n)) if len(items) > n else list(items)
 
 
+def _image_files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+
+
 def _open_all(paths: list[Path], where: str) -> list[Image.Image]:
-    images, bad = [], []
+    images = []
     for path in paths:
         try:
             with Image.open(path) as im:
                 images.append(im.convert("RGB"))
-        except Exception:  # noqa: BLE001 - any undecodable file is skipped and counted
-            bad.append(path)
+        except Exception:  # noqa: BLE001 - an undecodable file is skipped; none readable is an error
+            continue
     if not images:
         raise BenchError(f"{where}: none of its {len(paths)} image files could be read; point --data at a folder of images (png/jpg)")
     return images
@@ -103,7 +108,7 @@ def resolve(text: str, n: int, seed: int = 0) -> ImageSet:
         raise BenchError(f"--data {text} is neither a suite ({', '.join(suites.available())}) nor an existing path; "
                          "pass a folder of images or a suite name")
     if path.is_dir():
-        paths = [p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+        paths = _image_files(path)
         if paths:
             return from_paths(path.name, str(path), paths, n, seed)
     if not loaders.parquet_files(path):
@@ -116,7 +121,7 @@ def reference_images(adapter, reference: str | None, n: int, seed: int = 0) -> I
     """The pretraining reference: ``--reference DIR`` when given, else the family's own sample (or None)."""
     if reference:
         path = Path(reference).expanduser()
-        paths = [p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()] if path.is_dir() else []
+        paths = _image_files(path) if path.is_dir() else []
         if not paths:
             raise BenchError(f"--reference {reference} is not a folder of images; pass images representative of the model's pretraining")
         return from_paths("pretraining", f"--reference {path}", paths, n, seed)
@@ -147,8 +152,6 @@ def embed(adapter, image_set: ImageSet, batch_size: int = 64) -> dict[str, np.nd
         for layer, x in feats.items():
             chunks.setdefault(layer, []).append(torch.nn.functional.normalize(x.float(), dim=-1).cpu().numpy())
     out = {layer: np.concatenate(parts) for layer, parts in chunks.items()}
-    import io
-
     buffer = io.BytesIO()
     np.savez(buffer, **out)
     atomic_write_bytes(path, buffer.getvalue())

@@ -54,8 +54,8 @@ def estimate(model: torch.nn.Module, resolution: Resolution, cell: Cell, batch_s
     base = sum(p.numel() for p in model.parameters())
     trainable = lora + copies
     size = weight_bytes_per_param or _element_size(model)
-    # trainable weights (LoRA, copies) stay in the model's dtype; AdamW's two moments are fp32-sized
-    # for fp32 weights (torch keeps them in the parameter's dtype)
+    # trainable weights (LoRA, copies), their gradients and AdamW's two moments all take the
+    # parameters' dtype (torch keeps optimizer state in the parameter's dtype)
     weight = (base + trainable) * size
     grads = trainable * size
     optimizer = 2 * trainable * size

@@ -84,7 +84,7 @@ def progress_bar(console: Console) -> Progress:
 def encode_split(adapter, suite, data_dir: Path, split: str):
     examples = []
     for row in read_split(data_dir, split):
-        if getattr(adapter, "keeps_paths", False):  # large images: the adapter opens them per batch
+        if adapter.keeps_paths:
             image = row.image
         else:
             with Image.open(row.image) as im:

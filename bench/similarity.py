@@ -69,19 +69,23 @@ def _bootstrap(k: torch.Tensor, m: int, resamples: int, gen: torch.Generator) ->
     return xx + yy - 2 * xy
 
 
-def mmd2(x: np.ndarray, y: np.ndarray, bandwidth: float | None = None) -> float:
-    """Unbiased RBF-kernel MMD^2 between samples ``x`` and ``y`` (rows are feature vectors)."""
+def _pooled(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both samples stacked, and the 0/1 column marking ``x``'s rows."""
     z = torch.as_tensor(np.concatenate([x, y]), dtype=torch.float64)
     a = torch.zeros(len(z), 1, dtype=torch.float64)
     a[: len(x)] = 1
+    return z, a
+
+
+def mmd2(x: np.ndarray, y: np.ndarray, bandwidth: float | None = None) -> float:
+    """Unbiased RBF-kernel MMD^2 between samples ``x`` and ``y`` (rows are feature vectors)."""
+    z, a = _pooled(x, y)
     return float(_mmd2_from_kernel(_rbf(z, bandwidth or median_distance(y)), a)[0])
 
 
 def kid(x: np.ndarray, y: np.ndarray) -> float:
     """Kernel inception distance: unbiased MMD^2 with the kernel (x.y/d + 1)^3."""
-    z = torch.as_tensor(np.concatenate([x, y]), dtype=torch.float64)
-    a = torch.zeros(len(z), 1, dtype=torch.float64)
-    a[: len(x)] = 1
+    z, a = _pooled(x, y)
     return float(_mmd2_from_kernel(_cubic(z), a)[0])
 
 
@@ -124,12 +128,10 @@ def compare(data: dict[str, np.ndarray], reference: dict[str, np.ndarray], seed:
     x, y = data["final"], reference["final"]
     if len(x) < 4 or len(y) < 4:
         raise BenchError(f"similarity needs at least 4 images per set (got {len(x)} and {len(y)}); add images")
-    z = torch.as_tensor(np.concatenate([x, y]), dtype=torch.float64)
+    z, observed = _pooled(x, y)
     k = _rbf(z, median_distance(y))
     m, total = len(x), len(z)
     gen = torch.Generator().manual_seed(seed)
-    observed = torch.zeros(total, 1, dtype=torch.float64)
-    observed[:m] = 1
     stat = float(_mmd2_from_kernel(k, observed)[0])
     null = []
     for start in range(0, permutations, 100):

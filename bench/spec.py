@@ -145,9 +145,11 @@ def from_args(args) -> Spec:
         raise BenchError(f"--pruner {pruner!r} is unknown; choose median, hyperband or none")
     if getattr(args, "step_budget", None) is not None and args.step_budget <= 0:
         raise BenchError(f"--step-budget must be positive (got {args.step_budget})")
+    from bench.adapters import MODES
+
     save_adapters = getattr(args, "save_adapters", None) or "best"
-    if save_adapters not in ("best", "all", "none"):
-        raise BenchError(f"--save-adapters {save_adapters!r} is unknown; choose best, all or none")
+    if save_adapters not in MODES:
+        raise BenchError(f"--save-adapters {save_adapters!r} is unknown; choose {', '.join(MODES)}")
     budget = parse_memory(args.memory_budget) if getattr(args, "memory_budget", None) else None
     if train.warmup_steps > train.steps:
         train = dataclasses.replace(train, warmup_steps=max(1, train.steps // 10))

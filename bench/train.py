@@ -116,8 +116,12 @@ def _gradient_checkpointing(model: torch.nn.Module, enable: bool) -> list:
         return []
     from transformers import PreTrainedModel
 
-    found = [m for m in model.modules() if isinstance(m, PreTrainedModel) and m.supports_gradient_checkpointing]
-    outer = [m for m in found if not any(m is not o and any(c is m for c in o.modules()) for o in found)]
+    outer, names = [], []
+    for name, m in model.named_modules():  # pre-order: a model comes before the models inside it
+        if isinstance(m, PreTrainedModel) and m.supports_gradient_checkpointing and \
+                not any(name.startswith(f"{n}.") for n in names):
+            outer.append(m)
+            names.append(name)
     if not outer:
         raise BenchError("--gradient-checkpointing: this model has no transformers module that supports it")
     for m in outer:

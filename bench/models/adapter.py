@@ -64,6 +64,7 @@ class VLMAdapter(ABC):
 
     family: str
     roles: RoleMap
+    keeps_paths = False  # True: training examples hold image paths, opened per batch (large images)
 
     model: torch.nn.Module
     tokenizer: object
