@@ -137,6 +137,30 @@ def test_lm_eval_scores_match_the_metric(tiny):
     assert result.score == pytest.approx(sum(i["score"] for i in result.items) / 40)
 
 
+def test_evaluation_reuses_decoded_images_and_prompts_with_the_same_results(tiny, monkeypatch):
+    from bench import evaluate as evaluation
+
+    suite = suites.get("docvqa")
+    folder = suite.prepare(train_items=300, test_items=40)
+    evaluation._INPUTS.pop(tiny, None)
+    first = evaluate(tiny, tiny.model, suite, folder, torch.device("cpu"), batch_size=16)
+    cache = evaluation.inputs_of(tiny)
+    questions = {json.loads(line)["question"] for line in (folder / "test.jsonl").read_text().splitlines()}
+    assert len(cache.images) == 40 and len(cache.prompts) == len(questions)
+    decoded = []
+    monkeypatch.setattr(tiny, "image_array", lambda image: decoded.append(image) or np.zeros((1,)))
+    second = evaluate(tiny, tiny.model, suite, folder, torch.device("cpu"), batch_size=16)
+    assert decoded == []  # every test image came from the cache
+    assert second.items == first.items
+    monkeypatch.undo()
+
+    evaluation._INPUTS.pop(tiny, None)
+    monkeypatch.setattr(evaluation, "MAX_CACHED_IMAGE_BYTES", 10 * 64 * 64 * 3)  # room for ten images
+    bounded = evaluate(tiny, tiny.model, suite, folder, torch.device("cpu"), batch_size=16)
+    assert len(evaluation.inputs_of(tiny).images) == 10
+    assert bounded.items == first.items
+
+
 def test_shapes_shift_keeps_questions_and_changes_pixels():
     """Same scenes and answers as the unstriped shifted style; pixels far from the pretraining look."""
     from suites.shapes.generate import PRETRAINING
