@@ -31,6 +31,7 @@ from bench.spec import Spec
 from bench.store import Store, digest
 from bench.suite_data import content_digest, describe, read_split
 from bench.train import Diverged, attach, detach, resolve, train
+from bench.vision_cache import VisionCache, encoder_is_frozen
 
 
 def quiet_libraries() -> None:
@@ -116,6 +117,7 @@ class Session:
                         "mixed_precision": self.mixed}
         self.suite_runs: dict[str, SuiteRun] = {}
         self._examples: tuple[str, list] | None = None  # one suite's training examples at a time
+        self.vision_cache = VisionCache()  # for those examples
 
     def prepare(self, progress: Progress) -> None:
         prep = progress.add_task("prepare data", total=len(self.spec.suites), info="")
@@ -157,11 +159,12 @@ class Session:
         self.executed = True
         if self._examples is None or self._examples[0] != sr.suite.name:
             self._examples = None  # free the previous suite's examples first
+            self.vision_cache.clear()
             self._examples = (sr.suite.name, encode_split(self.adapter, sr.suite, sr.data_dir, "train"))
         if cell not in self.resolutions:
             self.resolutions[cell] = resolve(self.adapter.model, self.adapter.roles, cell)
         record = _one_run(self.spec, self.adapter, sr, cell, seed, self.resolutions[cell], self._examples[1],
-                          self.accelerator, progress, self.context, on_step, train or self.spec.train)
+                          self.accelerator, progress, self.context, on_step, train or self.spec.train, self.vision_cache)
         self.store.put(record)
         if record["status"] != "ok":
             progress.console.print(f"[yellow]{cell.name} seed {seed}: {record['status']}: {record['error']}[/yellow]")
@@ -244,7 +247,7 @@ def _evaluate(spec, adapter, model, sr: SuiteRun, accelerator, progress, label: 
 
 
 def _one_run(spec: Spec, adapter, sr: SuiteRun, cell: Cell, seed: int, resolution, examples, accelerator, progress, context,
-             on_step=None, settings: TrainSettings | None = None) -> dict:
+             on_step=None, settings: TrainSettings | None = None, vision_cache: VisionCache | None = None) -> dict:
     import optuna
 
     settings = settings or spec.train
@@ -267,7 +270,9 @@ def _one_run(spec: Spec, adapter, sr: SuiteRun, cell: Cell, seed: int, resolutio
             if on_step:
                 on_step(step, loss, peft_model)
 
-        result = train(adapter, peft_model, examples, settings, seed, accelerator, on_step=step_done)
+        frozen = encoder_is_frozen(adapter.roles.vision, resolution.lora, resolution.full)
+        result = train(adapter, peft_model, examples, settings, seed, accelerator, on_step=step_done,
+                       vision_cache=vision_cache if frozen else None)
         progress.remove_task(steps_task)
         evaluation = _evaluate(spec, adapter, peft_model, sr, accelerator, progress, cell.name)
         record.update(

@@ -8,6 +8,7 @@ copies) and afterwards deletes the adapter before unloading. ``unload()`` alone 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -139,8 +140,10 @@ def batch_order(n_examples: int, steps: int, batch_size: int, seed: int) -> list
 
 
 def train(adapter, peft_model, examples: list[Example], settings: TrainSettings, seed: int,
-          accelerator, on_step=None) -> TrainResult:
-    """A plain loop: AdamW, linear warmup then cosine decay, grad clipping, NaN check each step."""
+          accelerator, on_step=None, vision_cache=None) -> TrainResult:
+    """A plain loop: AdamW, linear warmup then cosine decay, grad clipping, NaN check each step.
+    ``vision_cache`` (a bench.vision_cache.VisionCache, only for cells that leave the vision encoder
+    frozen) serves the encoder's output for batches an earlier cell already ran."""
     device = accelerator.device
     params = [p for p in peft_model.parameters() if p.requires_grad]
     trainable, total = count_parameters(peft_model)
@@ -158,12 +161,15 @@ def train(adapter, peft_model, examples: list[Example], settings: TrainSettings,
     batches = batch_order(len(examples), steps, settings.batch_size, seed)
     losses, tokens = [], 0
     model.train()
+    cached = contextlib.nullcontext() if vision_cache is None else \
+        vision_cache.serving(adapter.model.get_submodule(adapter.roles.vision))
     try:
-        with PeakMemory(device) as mem, Stopwatch(device) as clock:
+        with PeakMemory(device) as mem, Stopwatch(device) as clock, cached:
             for step, idx in enumerate(batches):
                 batch = adapter.train_batch([examples[i] for i in idx], device)
                 tokens += int(batch["attention_mask"].sum())
-                with accelerator.autocast():
+                key = (seed, settings.batch_size, len(examples), step)
+                with accelerator.autocast(), (vision_cache.step(key) if vision_cache else contextlib.nullcontext()):
                     loss = adapter.forward_loss(model, batch)
                 value = loss.item()
                 if not math.isfinite(value):

@@ -132,3 +132,53 @@ def test_gradient_checkpointing_gives_the_same_losses(tiny, examples):
     assert losses[True] == pytest.approx(losses[False], rel=1e-5, abs=1e-6)
     assert not any(getattr(m, "gradient_checkpointing", False) for m in tiny.model.modules() if isinstance(m, PreTrainedModel))
     assert "gradient_checkpointing" not in TrainSettings(steps=1, batch_size=1, lr=1.0).to_dict()
+
+
+def test_frozen_vision_encoder_is_served_from_the_cache_with_identical_numbers(tiny, examples):
+    """Cells that leave the encoder frozen share its outputs per (seed, batch, step): later cells load
+    them, and their losses and trained weights are bit-for-bit those of an uncached run."""
+    from accelerate.utils import set_seed
+
+    from bench.vision_cache import VisionCache, encoder_is_frozen
+
+    def run(cell, cache):
+        set_seed(0)
+        res = resolve(tiny.model, tiny.roles, cell)
+        use = cache if encoder_is_frozen(tiny.roles.vision, res.lora, res.full) else None
+        peft_model = attach(tiny.model, res, cell, 0.05, 0)
+        try:
+            result = train(tiny, peft_model, examples, SETTINGS, 0, Accelerator(cpu=True), vision_cache=use)
+            trained = fingerprint(peft_model)
+        finally:
+            tiny.model = detach(peft_model)
+        return result.losses, trained
+
+    frozen, resampler = Cell("qv", 4, 8, "frozen"), Cell("all", 8, 16, "resampler")
+    plain = {c: run(c, None) for c in (frozen, resampler)}
+    cache = VisionCache()
+    try:
+        assert run(frozen, cache) == plain[frozen]
+        assert (cache.misses, cache.hits) == (SETTINGS.steps, 0)
+        assert run(resampler, cache) == plain[resampler]  # a later cell, served from the cache
+        assert (cache.misses, cache.hits) == (SETTINGS.steps, SETTINGS.steps)
+        run(Cell("qv", 4, 8, "vpm-lora"), cache)  # trains inside the encoder: never served
+        run(Cell("qv", 4, 8, "resampler+vpm"), cache)
+        assert (cache.misses, cache.hits) == (SETTINGS.steps, SETTINGS.steps)
+        folder = cache.folder
+        assert folder.is_dir() and len(list(folder.iterdir())) == SETTINGS.steps
+    finally:
+        cache.clear()
+    assert not folder.exists()
+    assert "forward" not in vars(tiny.model.get_submodule(tiny.roles.vision))  # unpatched after training
+
+    bounded = VisionCache(max_bytes=0)  # nothing fits: every step computes
+    assert run(frozen, bounded) == plain[frozen] and bounded.hits == 0 and bounded.folder is None
+
+
+def test_encoder_is_frozen_follows_the_policy(tiny):
+    from bench.vision_cache import encoder_is_frozen
+
+    frozen = {v: encoder_is_frozen(tiny.roles.vision, *(lambda r: (r.lora, r.full))(resolve(tiny.model, tiny.roles, Cell("qv", 4, 8, v))))
+              for v in ("frozen", "resampler", "resampler+vpm", "vpm-lora")}
+    assert frozen == {"frozen": True, "resampler": True, "resampler+vpm": False, "vpm-lora": False}
+    assert not encoder_is_frozen("model.visual", [], ["model.visual.merger"])  # Qwen: the merger sits inside
