@@ -74,6 +74,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=500, help="--similarity/--recommend: images sampled per set (default 500)")
     p.add_argument("--results", nargs="+", help="--recommend: results folders holding records (default: results)")
     p.add_argument("--min-throughput", type=float, help="--recommend: only configurations that trained at least this many samples/s")
+    p.add_argument("--estimate-for", help="--recommend: a model (checkpoint folder or built-in name) to estimate each configuration's "
+                   "peak training memory on, at --batch-size (default 8) x --seq-len; --memory-budget then applies to the estimates")
+    p.add_argument("--seq-len", type=int, help="--recommend --estimate-for: tokens per training sequence, image tokens included (default 1024)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--list", action="store_true", help="list suites, presets, target sets and vision policies, then exit")
     return p

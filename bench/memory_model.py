@@ -10,12 +10,14 @@ the vision encoder's when any of it trains.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 
 import torch
 
+from bench.models.adapter import RoleMap
 from bench.space import Cell
-from bench.train import Resolution
+from bench.train import Resolution, resolve
 
 ACTIVATION_FACTOR = 34  # tensors of hidden size kept per token and layer (attention + MLP, no checkpointing)
 
@@ -54,11 +56,12 @@ def estimate(model: torch.nn.Module, resolution: Resolution, cell: Cell, batch_s
     base = sum(p.numel() for p in model.parameters())
     trainable = lora + copies
     size = weight_bytes_per_param or _element_size(model)
-    # trainable weights (LoRA, copies), their gradients and AdamW's two moments all take the
-    # parameters' dtype (torch keeps optimizer state in the parameter's dtype)
-    weight = (base + trainable) * size
-    grads = trainable * size
-    optimizer = 2 * trainable * size
+    # peft keeps LoRA weights in fp32 over a 16-bit base (autocast_adapter_dtype); copies keep the
+    # base's dtype. Gradients and AdamW's two moments take their parameter's dtype.
+    lora_size = max(size, 4)
+    weight = base * size + lora * lora_size + copies * size
+    grads = lora * lora_size + copies * size
+    optimizer = 2 * grads
     per_layer = ACTIVATION_FACTOR * batch_size * seq_len * hidden_size * size
     layers = 1 if gradient_checkpointing else llm_layers
     activations = per_layer * layers
@@ -80,3 +83,38 @@ def measured_state_bytes(peft_model: torch.nn.Module, optimizer: torch.optim.Opt
             "weight_bytes": sum(p.numel() * p.element_size() for p in params),
             "grad_bytes": sum(p.grad.numel() * p.grad.element_size() for p in trainable if p.grad is not None),
             "optimizer_bytes": state}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The sizes the activation term needs, read off the module tree (no config conventions)."""
+
+    hidden_size: int
+    llm_layers: int
+    vision_hidden: int
+    vision_layers: int
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, roles: RoleMap) -> "Shape":
+        q = re.compile(roles.llm_pattern(("q",)))
+        vision = re.compile(roles.vision_linear)
+        queries, vision_layers = [], {}
+        for name, m in model.named_modules():
+            if not isinstance(m, torch.nn.Linear):
+                continue
+            if q.fullmatch(name):
+                queries.append(m)
+            elif vision.fullmatch(name):
+                layer = re.search(r"\.(\d+)\.", name)
+                vision_layers.setdefault(layer.group(1) if layer else name, m.in_features)
+        if not queries:
+            raise ValueError("no query projection in the language model (check the family's role map)")
+        return cls(queries[0].in_features, len(queries), max(vision_layers.values(), default=0), len(vision_layers))
+
+
+def estimate_on(model: torch.nn.Module, roles: RoleMap, cell: Cell, batch_size: int, seq_len: int,
+                vision_tokens: int, bytes_per_param: int) -> MemoryEstimate:
+    """:func:`estimate` with the shape taken from ``model`` itself (which may live on the meta device)."""
+    shape = Shape.of(model, roles)
+    return estimate(model, resolve(model, roles, cell), cell, batch_size, seq_len, shape.hidden_size, shape.llm_layers,
+                    vision_tokens, shape.vision_hidden, shape.vision_layers, bytes_per_param)

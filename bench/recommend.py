@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from bench.errors import BenchError
 from bench.similarity import Comparison
@@ -266,9 +267,10 @@ class Choice:
 
 
 def choose(evidence: list[Evidence], calibration: Calibration | None, d: float | None, nearest: str,
-           budget_mib: float | None, min_throughput: float | None) -> Choice | None:
-    """The recommended configuration under the limits, or None when nothing measured fits."""
-    table = _feasible(evidence, budget_mib, min_throughput)
+           budget_mib: float | None, min_throughput: float | None, memory: dict | None = None) -> Choice | None:
+    """The recommended configuration under the limits, or None when nothing measured fits.
+    ``memory`` (configuration -> MiB) replaces the measured peaks: estimates on the user's model."""
+    table = _feasible(evidence, budget_mib, min_throughput, memory)
     if table.empty:
         return None
     if calibration is not None and d is not None:
@@ -301,18 +303,59 @@ def _weighted(values: dict[str, tuple[float, float]]) -> float:
     return sum(v * w for v, w in values.values()) / total if total > 0 else math.nan
 
 
-def _feasible(evidence: list[Evidence], budget_mib: float | None, min_throughput: float | None) -> pd.DataFrame:
-    """Every measured configuration (across suites) with its worst peak memory and mean throughput."""
+def _feasible(evidence: list[Evidence], budget_mib: float | None, min_throughput: float | None,
+              memory: dict | None = None) -> pd.DataFrame:
+    """Every measured configuration (across suites) with its worst peak memory and mean throughput
+    (peak memory from ``memory`` instead, when given)."""
     frames = [ev.configs.assign(suite=ev.suite) for ev in evidence]
     allc = pd.concat(frames)
     grouped = allc.groupby(CONFIG, sort=False)
     table = grouped.agg(peak_mem_mib=("peak_mem_mib", "max"), train_samples_per_s=("train_samples_per_s", "mean")).reset_index()
     table["scores_by_suite"] = [dict(zip(g.suite, g.score)) for _, g in grouped]
+    table["measured_mib"] = table.peak_mem_mib
+    if memory is not None:
+        table["peak_mem_mib"] = [memory[_key(r)].total_bytes / 2**20 for _, r in table.iterrows()]
     if budget_mib is not None:
         table = table[table.peak_mem_mib <= budget_mib]
     if min_throughput is not None:
         table = table[table.train_samples_per_s >= min_throughput]
     return table
+
+
+def _key(config) -> tuple:
+    return tuple(config[c].item() if hasattr(config[c], "item") else config[c] for c in CONFIG)
+
+
+@dataclass
+class MemoryTarget:
+    """Where the memory model is applied: the user's model at the user's batch and sequence length."""
+
+    model: str
+    batch_size: int
+    seq_len: int
+    image_tokens: int
+    bytes_per_param: int = 2  # bf16, as the harness trains on CUDA
+
+    def describe(self) -> str:
+        return (f"{self.model} at batch {self.batch_size} x {self.seq_len} tokens ({self.image_tokens} vision-encoder tokens "
+                f"per image), bf16 weights")
+
+
+def estimate_memory(target: MemoryTarget, skeleton: torch.nn.Module, roles, configs: pd.DataFrame) -> dict:
+    """Peak training memory of every configuration on the user's model, from bench.memory_model."""
+    from bench.memory_model import estimate_on
+    from bench.space import Cell
+
+    out = {}
+    for _, row in configs.iterrows():
+        cell = Cell(row["targets"], int(row["rank"]), float(row["alpha"]), row["vision"])
+        out[_key(row)] = estimate_on(skeleton, roles, cell, target.batch_size, target.seq_len, target.image_tokens,
+                                     target.bytes_per_param)
+    return out
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB"
 
 
 def name(config) -> str:
@@ -347,11 +390,24 @@ def run(args) -> int:
                          "(python run_bench.py --suite docvqa) or pass --results DIR")
     evidence, notes = build_evidence(records, args.model)
     data_set = features.resolve(args.data, args.samples)
-    if budget is not None and _feasible(evidence, budget, None).empty:
-        smallest = _feasible(evidence, None, None).sort_values("peak_mem_mib").iloc[0]
-        raise BenchError(f"no benchmarked configuration fits --memory-budget {args.memory_budget} (the smallest measured peak is "
+    memory = target = None
+    if args.estimate_for:
+        if args.seq_len is not None and args.seq_len < 1 or args.batch_size is not None and args.batch_size < 1:
+            raise BenchError("--batch-size and --seq-len must be positive")
+        other = get_adapter(args.estimate_for, args.trust_remote_code)
+        skeleton = other.skeleton()
+        tokens = other.image_tokens()
+        target = MemoryTarget(args.estimate_for, args.batch_size or 8, args.seq_len or 1024, tokens or 1024)
+        if tokens is None:
+            notes.append(f"{args.estimate_for} has no fixed image resolution in its config: the estimate assumes 1024 "
+                         "vision-encoder tokens per image")
+        memory = estimate_memory(target, skeleton, other.roles, _feasible(evidence, None, None))
+    kind = "estimated" if memory is not None else "measured"
+    if budget is not None and _feasible(evidence, budget, None, memory).empty:
+        smallest = _feasible(evidence, None, None, memory).sort_values("peak_mem_mib").iloc[0]
+        raise BenchError(f"no benchmarked configuration fits --memory-budget {args.memory_budget} (the smallest {kind} peak is "
                          f"{smallest.peak_mem_mib:.0f} MiB: {name(smallest)}); raise the budget or benchmark smaller cells")
-    if args.min_throughput is not None and _feasible(evidence, budget, args.min_throughput).empty:
+    if args.min_throughput is not None and _feasible(evidence, budget, args.min_throughput, memory).empty:
         raise BenchError(f"no benchmarked configuration within the limits trains at >= {args.min_throughput:g} samples/s; "
                          "lower --min-throughput or raise --memory-budget")
     out = Path(args.out) if args.out else Path("results") / "runs" / "recommend"
@@ -378,15 +434,17 @@ def run(args) -> int:
     else:
         notes.append(f"{adapter.display_name()} has no pretraining sample and no --reference was given: the nearest "
                      "suite decides; pass --reference DIR for a calibrated decision")
-    choice = choose(evidence, calibration, d, nearest, budget, args.min_throughput)
+    choice = choose(evidence, calibration, d, nearest, budget, args.min_throughput, memory)
     runner_up = None
     if choice is not None:
-        runner_up = choose(evidence, calibration, d, nearest, choice.config.peak_mem_mib * 0.99, args.min_throughput)
+        runner_up = choose(evidence, calibration, d, nearest, choice.config.peak_mem_mib * 0.99, args.min_throughput, memory)
     loo = leave_one_out(evidence) if calibration is not None else pd.DataFrame()
     text = markdown(args, adapter, data_set, data_distance, to_suite, nearest, evidence, calibration, choice, runner_up,
-                    loo, budget, notes)
+                    loo, budget, notes, target, memory)
     png = calibration_png(calibration, d, data_set.name) if calibration is not None else None
     summary = {"data": args.data, "recommended": _plain(choice.config) if choice else None,
+               "memory": (f"estimated on {target.describe()}" if target else "measured on the benchmark model"),
+               "estimated_bytes": memory[_key(choice.config)].to_dict() if memory and choice else None,
                "runner_up": _plain(runner_up.config) if runner_up else None,
                "mmd2_from_pretraining": data_distance.mmd2 if data_distance else None, "nearest_suite": nearest,
                "leave_one_suite_out_accuracy": float(loo.correct.mean()) if len(loo) else None}
@@ -403,13 +461,16 @@ def run(args) -> int:
 def _plain(config: pd.Series) -> dict:
     out = {c: (config[c].item() if hasattr(config[c], "item") else config[c]) for c in CONFIG}
     out["peak_mem_mib"] = float(config.peak_mem_mib)
+    out["measured_mib"] = float(config.measured_mib)
     out["train_samples_per_s"] = float(config.train_samples_per_s)
     return out
 
 
 def markdown(args, adapter, data_set, data_distance, to_suite, nearest, evidence, calibration, choice, runner_up, loo,
-             budget, notes) -> str:
+             budget, notes, target: MemoryTarget | None = None, memory: dict | None = None) -> str:
     limits = []
+    if target is not None:
+        limits.append(f"--estimate-for {target.model} --batch-size {target.batch_size} --seq-len {target.seq_len}")
     if budget is not None:
         limits.append(f"--memory-budget {args.memory_budget}")
     if args.min_throughput is not None:
@@ -422,9 +483,15 @@ def markdown(args, adapter, data_set, data_distance, to_suite, nearest, evidence
         lines += ["**Nothing measured fits the limits.**", ""]
     else:
         c = choice.config
-        lines += [f"**Recommended: {name(c)}**", "",
-                  f"- measured peak memory {c.peak_mem_mib:.0f} MiB, {c.train_samples_per_s:.0f} train samples/s (as measured by the benchmark: "
-                  "process peak RSS on CPU, peak allocated CUDA memory on GPU)"]
+        lines += [f"**Recommended: {name(c)}**", ""]
+        if memory is not None:
+            e = memory[_key(c)]
+            lines.append(f"- estimated peak training memory on {target.describe()}: {_gib(e.total_bytes)} (weights "
+                         f"{_gib(e.weight_bytes)}, gradients {_gib(e.grad_bytes)}, AdamW {_gib(e.optimizer_bytes)}, activations "
+                         f"{_gib(e.activation_bytes)}; {e.trainable_params:,} trainable parameters). Parameter terms are exact; "
+                         "activations are a model (bench/memory_model.py), not a measurement")
+        lines.append(f"- measured on the benchmark model: peak memory {c.measured_mib:.0f} MiB, {c.train_samples_per_s:.0f} train "
+                     "samples/s (process peak RSS on CPU, peak allocated CUDA memory on GPU)")
         for suite, (score, base, w) in sorted(choice.per_suite.items(), key=lambda kv: -kv[1][2]):
             if w > 0:
                 lines.append(f"- on {suite} (weight {w:.2f} at your distance) it scored {score:.3f}"
@@ -435,9 +502,10 @@ def markdown(args, adapter, data_set, data_distance, to_suite, nearest, evidence
             lines.append(f"- expected score: {lo:.3f}-{hi:.3f} on suites at your distance (absolute levels differ by task)")
         if runner_up is not None:
             r = runner_up.config
-            lines.append(f"- runner-up for a smaller budget: {name(r)}: {r.peak_mem_mib:.0f} MiB, {r.train_samples_per_s:.0f} samples/s")
+            mem = _gib(r.peak_mem_mib * 2**20) + " estimated" if memory is not None else f"{r.peak_mem_mib:.0f} MiB"
+            lines.append(f"- runner-up for a smaller budget: {name(r)}: {mem}, {r.train_samples_per_s:.0f} samples/s")
         else:
-            lines.append("- runner-up for a smaller budget: none measured below this memory")
+            lines.append("- runner-up for a smaller budget: none benchmarked below this memory")
         lines.append("")
     lines += ["## Why", ""]
     if data_distance is not None and calibration is not None:

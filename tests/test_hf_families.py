@@ -113,3 +113,17 @@ def test_folder_without_processor_is_one_line(checkpoints, tmp_path, capsys):
     assert main(["--suite", "docvqa", "--preset", "smoke", "--model", str(broken), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and str(broken) in err
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_memory_estimate_from_the_config_alone_equals_the_loaded_model(checkpoints, adapters, name):
+    """--recommend --estimate-for builds the model on the meta device: same shapes, same bytes."""
+    from bench.memory_model import Shape, estimate_on
+    from bench.space import Cell
+
+    skeleton = get_adapter(str(checkpoints / name)).skeleton()
+    assert next(skeleton.parameters()).device.type == "meta"
+    loaded = adapters[name]
+    assert Shape.of(skeleton, loaded.roles) == Shape.of(loaded.model, loaded.roles)
+    for cell in (Cell("qv", 8, 16, "frozen"), Cell("all", 16, 32, "resampler+vpm"), Cell("qk", 4, 8, "vpm-lora")):
+        assert estimate_on(skeleton, loaded.roles, cell, 2, 64, 16, 2) == estimate_on(loaded.model, loaded.roles, cell, 2, 64, 16, 2)

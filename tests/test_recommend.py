@@ -136,6 +136,35 @@ def test_recommend_end_to_end(two_suites, my_images, tmp_path):
     assert (out / "calibration.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_recommend_applies_the_budget_to_estimates_on_another_model(two_suites, my_images, tmp_path):
+    """--estimate-for: each configuration's peak is estimated on the user's model; the budget applies to that."""
+    import hf_families
+
+    from bench.memory_model import estimate_on
+    from bench.models import get_adapter
+    from bench.space import Cell
+
+    folder = tmp_path / "qwen2_vl"
+    hf_families.save("qwen2_vl", folder)
+    target = get_adapter(str(folder))
+    skeleton = target.skeleton()
+    tokens = target.image_tokens() or 1024
+    frozen = estimate_on(skeleton, target.roles, Cell("qv", 4, 8, "frozen"), 4, 256, tokens, 2).total_bytes
+    resampler = estimate_on(skeleton, target.roles, Cell("qv", 4, 8, "resampler"), 4, 256, tokens, 2).total_bytes
+    assert resampler > frozen
+    budget_mib = (frozen + resampler) / 2 / 2**20  # frozen cells fit, resampler cells do not
+    out = tmp_path / "rec"
+    result = run_cli("--recommend", "--data", str(my_images), "--results", str(two_suites), "--samples", "40",
+                     "--estimate-for", str(folder), "--batch-size", "4", "--seq-len", "256",
+                     "--memory-budget", f"{budget_mib:.3f}MiB", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "recommendation.json").read_text())
+    assert summary["recommended"]["vision"] == "frozen"
+    assert summary["memory"].startswith(f"estimated on {folder} at batch 4 x 256 tokens")
+    assert summary["estimated_bytes"]["total_bytes"] <= budget_mib * 2**20
+    assert "estimated peak training memory on" in (out / "recommendation.md").read_text()
+
+
 def test_recommend_bad_input_is_one_line(two_suites, my_images, tmp_path, capsys):
     from bench.cli import main
 

@@ -166,6 +166,18 @@ class VLMAdapter(ABC):
         hidden = out.hidden_states
         return {"early": hidden[max(1, (len(hidden) - 1) // 4)].mean(1), "final": out.last_hidden_state.mean(1)}
 
+    def skeleton(self) -> torch.nn.Module:
+        """The model's module tree with real shapes, for memory estimates (weights need not be real).
+        By default the model itself (loaded on the CPU if need be); transformers families override this
+        with an empty model on the meta device, so a 7B checkpoint costs nothing to estimate."""
+        if getattr(self, "model", None) is None:
+            self.load(torch.device("cpu"))
+        return self.model
+
+    def image_tokens(self) -> int | None:
+        """Vision-encoder tokens per image at the model's native resolution, when that is fixed."""
+        return None
+
     def pretraining_reference(self, n: int, seed: int) -> list[Image.Image] | None:
         """``n`` images drawn like the model's pretraining data, when the family can make them (the
         embedded model can; for a real checkpoint the user passes ``--reference DIR``)."""

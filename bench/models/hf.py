@@ -101,6 +101,29 @@ class HFAdapter(VLMAdapter):
         self.tokenizer = processor.tokenizer
         self._forward_keys = set(inspect.signature(self.model.forward).parameters)
 
+    def skeleton(self) -> torch.nn.Module:
+        from transformers import AutoConfig, AutoModelForImageTextToText
+
+        if getattr(self, "model", None) is not None:
+            return self.model
+        if getattr(self, "_skeleton", None) is not None:
+            return self._skeleton
+        try:
+            config = AutoConfig.from_pretrained(self.source)
+        except (OSError, ValueError) as exc:
+            raise BenchError(f"cannot read the config of {self.source} ({str(exc).strip().splitlines()[0]}); "
+                             "point at a checkpoint folder with a valid config.json") from None
+        with torch.device("meta"):  # shapes only: no memory, no weights read
+            self._skeleton = AutoModelForImageTextToText.from_config(config)
+        return self._skeleton
+
+    def image_tokens(self) -> int | None:
+        vision = getattr(self.skeleton().config, "vision_config", None)
+        size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+        if isinstance(size, (list, tuple)):
+            size = size[0]
+        return (size // patch) ** 2 if isinstance(size, int) and isinstance(patch, int) and patch else None
+
     # ---------------------------------------------------------------- text
     def _messages(self, prompt: str, answer: str | None = None) -> list[dict]:
         turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]

@@ -353,6 +353,10 @@ class TinyMiniCPMVAdapter(VLMAdapter):
     def forward_loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         return model(**batch).loss
 
+    def image_tokens(self) -> int:
+        config = self.skeleton().config
+        return (config.image_size // config.patch_size) ** 2
+
     def pretraining_reference(self, n: int, seed: int) -> list[Image.Image]:
         """Scenes from the pretraining generator, at seeds the recipe and the shapes suite never used."""
         from suites.shapes.generate import generate
