@@ -33,7 +33,7 @@ from bench.models.adapter import VLMAdapter  # noqa: E402
 from bench.suites import Suite  # noqa: E402
 
 MAX_CACHED_IMAGE_BYTES = 512 * 2**20
-CACHE_INPUTS = True  # False: decode and tokenize afresh in every evaluation (the before of bench.perf)
+CACHE_INPUTS = True  # False: decode, tokenize and build requests afresh in every evaluation (the before of bench.perf)
 
 
 class _Inputs:
@@ -165,7 +165,30 @@ def load_task(suite: Suite, data_dir) -> dict:
         manager = TaskManager(include_path=str(suite.folder), include_defaults=False,
                               metadata={"data_dir": str(data_dir)})
         _TASKS[key] = manager.load([suite.name])
+        for task in _TASKS[key]["tasks"].values():
+            _reuse_requests(task)
     return _TASKS[key]
+
+
+def _reuse_requests(task) -> None:
+    """Build the task's requests once per set of arguments, then hand the same ones out again with
+    their responses cleared. lm-eval rebuilds them for every evaluation (a pass over the dataset and
+    an object per item); every cell evaluates the same items, and lm-eval's own request cache is
+    keyed by task name only, which would mix data folders."""
+    build, built = task.build_all_requests, {}
+
+    def build_all_requests(*args, **kwargs):
+        key = repr((args, sorted(kwargs.items())))
+        if key not in built or not CACHE_INPUTS:
+            build(*args, **kwargs)
+            if CACHE_INPUTS:
+                built[key] = task._instances
+            return
+        for instance in built[key]:
+            instance.resps, instance.filtered_resps = [], {}
+        task._instances = built[key]
+
+    task.build_all_requests = build_all_requests
 
 
 def evaluate(adapter: VLMAdapter, model, suite: Suite, data_dir, device, limit: int | None = None,

@@ -4,7 +4,8 @@
     python -m bench.perf.gpu_check --cpu-dry-run --out /tmp/gc    # the same code path, tiny sizes, on CPU
 
 1. The smoke matrix on CUDA in bf16 for the embedded model and for a tiny random Qwen2-VL checkpoint
-   (built offline): every run ok, CUDA peak memory and throughput recorded.
+   (built offline): every run ok, CUDA peak memory and throughput recorded; the memory model's
+   prediction for each of those cells against its ``max_memory_allocated`` (goal: within 10%).
 2. One LoRA training step timed on a synthetic ~1B-parameter Qwen2-VL (random weights, bf16; LoRA
    r=16 on every LLM linear; batch x sequence of realistic length with image tokens): tokens/s,
    CUDA peak memory, and model-FLOPs utilisation. FLOPs are counted as 2 x params x tokens for the
@@ -55,6 +56,35 @@ def smoke(model: str | None, out: Path, device: str) -> dict:
             "peak_mem_mib": [round(float(v), 1) for v in cells.peak_mem_mib],
             "train_samples_per_s": [round(float(v), 1) for v in cells.train_samples_per_s],
             "recorded": bool(cells.peak_mem_mib.notna().all() and (cells.train_samples_per_s > 0).all())}
+
+
+def memory_check(model: str, out: Path, device_type: str) -> dict:
+    """The memory model's prediction for each smoke cell against what the run measured (on CUDA:
+    ``max_memory_allocated``, which includes the weights, as the estimate does). Goal: within 10%."""
+    from bench.memory_model import estimate_on
+    from bench.models import get_adapter
+    from bench.models.hf import HFAdapter
+    from bench.space import Cell
+
+    csv = out / "results.csv"
+    if not csv.is_file():
+        return {"ok": False, "error": "no smoke results"}
+    adapter = get_adapter(model)
+    skeleton = adapter.skeleton()
+    # the harness loads transformers families in bf16 on CUDA; the embedded model stays fp32 under autocast
+    size = 2 if device_type == "cuda" and isinstance(adapter, HFAdapter) else next(skeleton.parameters()).element_size()
+    batch = 8  # the smoke preset's batch size
+    rows = []
+    df = pd.read_csv(csv)
+    for r in df[(df.kind == "cell") & (df.status == "ok")].itertuples():
+        seq = max(1, round(r.train_tokens_per_s / r.train_samples_per_s))  # mean tokens per sequence, measured
+        cell = Cell(r.target_set, int(r.rank), float(r.alpha), r.vision_policy)
+        e = estimate_on(skeleton, adapter.roles, cell, batch, seq, adapter.image_tokens() or 0, size)
+        predicted = e.total_bytes / 2**20
+        rows.append({"cell": cell.name, "seq": seq, "predicted_mib": round(predicted, 1), "measured_mib": round(float(r.peak_mem_mib), 1),
+                     "ratio": round(predicted / float(r.peak_mem_mib), 3) if r.peak_mem_mib else None})
+    within = [abs(x["ratio"] - 1) <= 0.10 for x in rows if x["ratio"] is not None]
+    return {"ok": bool(rows), "comparable": device_type == "cuda", "cells": rows, "within_10pct": f"{sum(within)} of {len(within)}"}
 
 
 def synthetic_qwen2_vl(dry: bool):
@@ -148,6 +178,8 @@ def main(argv=None) -> int:
         hf_families.save("qwen2_vl", Path(tmp) / "qwen2_vl")
         report["smoke_tiny_minicpmv"] = smoke(None, args.out / "smoke-tiny-minicpmv", device.type)
         report["smoke_tiny_qwen2_vl"] = smoke(str(Path(tmp) / "qwen2_vl"), args.out / "smoke-tiny-qwen2-vl", device.type)
+        report["memory_model_tiny_minicpmv"] = memory_check("tiny-minicpmv", args.out / "smoke-tiny-minicpmv", device.type)
+        report["memory_model_tiny_qwen2_vl"] = memory_check(str(Path(tmp) / "qwen2_vl"), args.out / "smoke-tiny-qwen2-vl", device.type)
     batch, seq, steps = (2, 96, 2) if args.cpu_dry_run else (args.batch, args.seq, args.steps)
     step = lora_step(args.cpu_dry_run, device, batch, seq, grid=8 if args.cpu_dry_run else 32, steps=steps)
     peak = peak_tflops(card, args.peak_tflops)
@@ -164,6 +196,11 @@ def main(argv=None) -> int:
         lines.append(f"- {name}: ok={r.get('ok')}, memory recorded={r.get('recorded')}, kind={r.get('memory_kind')}, "
                      f"peak MiB {r.get('peak_mem_mib')}, samples/s {r.get('train_samples_per_s')}, wall {r.get('wall_s')} s"
                      + (f", error: {r['error']}" if r.get("error") else ""))
+    for name in ("memory_model_tiny_minicpmv", "memory_model_tiny_qwen2_vl"):
+        r = report[name]
+        lines.append(f"- {name}: predicted / measured peak per smoke cell: "
+                     + ", ".join(f"{c['cell']} {c['predicted_mib']:.0f}/{c['measured_mib']:.0f} MiB ({c['ratio']})" for c in r.get("cells", []))
+                     + f"; within 10%: {r.get('within_10pct')}" + ("" if r.get("comparable") else " (CPU dry run: RSS, not comparable)"))
     s = step
     lines += ["", f"- LoRA step, synthetic Qwen2-VL {s['params'] / 1e9:.2f}B params ({s['vision_params'] / 1e6:.0f}M vision), "
               f"batch {s['batch']} x {s['seq']} tokens ({s['image_tokens']} image tokens each): median step {s['step_s_median'] * 1e3:.0f} ms, "

@@ -1,0 +1,93 @@
+"""Every speed benchmark; each writes its section to results/perf/<name>.md, then results/perf.md is
+assembled from all sections present (so one benchmark can be rerun without the others).
+
+    python -m bench.perf                         # all of them (~65 min on 2 CPU cores)
+    python -m bench.perf --only overheads        # side by side: training, generation, lm-eval, smoke matrix (~12 min)
+    python -m bench.perf --only phases           # a default docvqa run under cProfile, split into phases (~18 min)
+    python -m bench.perf --only default-matrix   # the default matrix, one process vs a process per cell (~36 min a repetition)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+ORDER = ["overheads", "phases", "default-matrix", "phases-before"]  # phases-before: kept from before the fix, not rerun
+TITLE = """# Performance: side-by-side measurements
+
+Every figure here is produced by `python -m bench.perf` (one section each: `--only NAME`); the command,
+machine and library versions are in each section. Goals from the performance issue: training loop <= 1.05x a
+hand-written loop; batched generation >= 8x one-by-one; lm-eval <= 1.10x a direct loop; one process <= 0.6x
+a process per cell.
+"""
+
+
+def _phases() -> str:
+    """In a fresh process, as a user runs it: imports, first evaluation and all."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        section = Path(tmp) / "phases.md"
+        cmd = [sys.executable, "-m", "bench.perf.phases", "--out", str(section), "--",
+               "--suite", "docvqa", "--out", f"{tmp}/run", "--save-adapters", "none"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"error: the profiled run failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+        return section.read_text().replace(f"--out {tmp}/run", "--out <temporary folder>")
+
+
+def run(name: str, reps: int, matrix_reps: int) -> str:
+    if name == "overheads":
+        from bench.perf.overheads import section
+
+        return section(reps)
+    if name == "phases":
+        return _phases()
+    if name == "default-matrix":
+        from bench.perf.overheads import default_matrix_section
+
+        return default_matrix_section(matrix_reps)
+    raise SystemExit(f"error: unknown benchmark {name!r}; choose from {', '.join(ORDER[:3])}")
+
+
+def assemble(folder: Path) -> str:
+    parts = [TITLE]
+    for name in ORDER:
+        path = folder / f"{name}.md"
+        if path.is_file():
+            parts.append(path.read_text())
+    return "\n".join(parts)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", default=",".join(ORDER[:3]), help=f"comma-separated from {', '.join(ORDER[:3])}")
+    p.add_argument("--reps", type=int, default=5, help="repetitions per side-by-side measurement (median)")
+    p.add_argument("--matrix-reps", type=int, default=1,
+                   help="repetitions of the default-matrix comparison (each ~36 min on 2 CPU cores; default 1)")
+    p.add_argument("--out", type=Path, default=Path("results/perf.md"))
+    args = p.parse_args(argv)
+    from bench.store import atomic_write_text
+
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    for name in names:
+        if name not in ORDER[:3]:
+            print(f"error: unknown benchmark {name!r}; choose from {', '.join(ORDER[:3])}", file=sys.stderr)
+            return 2
+    folder = args.out.with_suffix("")  # results/perf.md -> results/perf/
+    for name in names:
+        text = run(name, args.reps, args.matrix_reps)
+        atomic_write_text(folder / f"{name}.md", text)
+        print(text)
+    atomic_write_text(args.out, assemble(folder))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
