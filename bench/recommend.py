@@ -334,11 +334,11 @@ class MemoryTarget:
     batch_size: int
     seq_len: int
     image_tokens: int
-    bytes_per_param: int = 2  # bf16, as the harness trains on CUDA
+    bytes_per_param: int  # 2: bf16, as the harness loads transformers families on CUDA
 
     def describe(self) -> str:
         return (f"{self.model} at batch {self.batch_size} x {self.seq_len} tokens ({self.image_tokens} vision-encoder tokens "
-                f"per image), bf16 weights")
+                f"per image), {'bf16' if self.bytes_per_param == 2 else f'{8 * self.bytes_per_param}-bit'} weights")
 
 
 def estimate_memory(target: MemoryTarget, skeleton: torch.nn.Module, roles, configs: pd.DataFrame) -> dict:
@@ -397,7 +397,10 @@ def run(args) -> int:
         other = get_adapter(args.estimate_for, args.trust_remote_code)
         skeleton = other.skeleton()
         tokens = other.image_tokens()
-        target = MemoryTarget(args.estimate_for, args.batch_size or 8, args.seq_len or 1024, tokens or 1024)
+        from bench.models.hf import HFAdapter
+
+        size = 2 if isinstance(other, HFAdapter) else next(skeleton.parameters()).element_size()
+        target = MemoryTarget(args.estimate_for, args.batch_size or 8, args.seq_len or 1024, tokens or 1024, size)
         if tokens is None:
             notes.append(f"{args.estimate_for} has no fixed image resolution in its config: the estimate assumes 1024 "
                          "vision-encoder tokens per image")
@@ -459,7 +462,7 @@ def run(args) -> int:
 
 
 def _plain(config: pd.Series) -> dict:
-    out = {c: (config[c].item() if hasattr(config[c], "item") else config[c]) for c in CONFIG}
+    out = dict(zip(CONFIG, _key(config)))
     out["peak_mem_mib"] = float(config.peak_mem_mib)
     out["measured_mib"] = float(config.measured_mib)
     out["train_samples_per_s"] = float(config.train_samples_per_s)

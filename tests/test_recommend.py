@@ -154,7 +154,7 @@ def test_recommend_applies_the_budget_to_estimates_on_another_model(two_suites, 
     assert resampler > frozen
     budget_mib = (frozen + resampler) / 2 / 2**20  # frozen cells fit, resampler cells do not
     out = tmp_path / "rec"
-    result = run_cli("--recommend", "--data", str(my_images), "--results", str(two_suites), "--samples", "40",
+    result = run_cli("--recommend", "--data", str(my_images), "--results", str(two_suites), "--samples", "10",
                      "--estimate-for", str(folder), "--batch-size", "4", "--seq-len", "256",
                      "--memory-budget", f"{budget_mib:.3f}MiB", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
