@@ -3,7 +3,7 @@
     python -m bench.perf.gpu_check --out results/gpu-check        # needs CUDA
     python -m bench.perf.gpu_check --cpu-dry-run --out /tmp/gc    # the same code path, tiny sizes, on CPU
 
-1. The smoke matrix on CUDA in bf16 for the embedded model and for a tiny random Qwen2-VL checkpoint
+1. The smoke matrix (with all four vision policies) on CUDA in bf16 for the embedded model and for a tiny random Qwen2-VL checkpoint
    (built offline): every run ok, CUDA peak memory and throughput recorded; the memory model's
    prediction for each of those cells against its ``max_memory_allocated`` (goal: within 10%).
 2. One LoRA training step timed on a synthetic ~1B-parameter Qwen2-VL (random weights, bf16; LoRA
@@ -42,6 +42,7 @@ def peak_tflops(name: str, override: float | None) -> float | None:
 
 def smoke(model: str | None, out: Path, device: str) -> dict:
     cmd = [sys.executable, str(ROOT / "run_bench.py"), "--suite", "docvqa", "--preset", "smoke", "--device", device,
+           "--vision", "frozen,resampler,resampler+vpm,vpm-lora",  # CUDA peak memory for every vision policy
            "--save-adapters", "none", "--out", str(out)] + (["--model", model] if model else [])
     shutil.rmtree(out, ignore_errors=True)  # measure afresh: an earlier run's records would be reused
     start = time.perf_counter()
