@@ -42,13 +42,6 @@ def cumulative(stats: pstats.Stats, path_end: str, name: str, caller: tuple[str,
     return total
 
 
-def builtin(stats: pstats.Stats, name: str) -> float:
-    for key, value in stats.stats.items():
-        if key[0] == "~" and key[2] == name:
-            return value[3]
-    return 0.0
-
-
 def breakdown(stats: pstats.Stats, total: float, main_s: float) -> dict:
     """Seconds per phase. Names are the harness's functions; a renamed one shows as 0 s here."""
     c = lambda path, name, caller=None: cumulative(stats, path, name, caller)  # noqa: E731
@@ -78,7 +71,7 @@ def breakdown(stats: pstats.Stats, total: float, main_s: float) -> dict:
     forward = c("/tiny_minicpmv.py", "forward_loss") or c("bench/models/hf.py", "forward_loss")
     inside_train = {
         "forward": forward,
-        "  of which LoRA dropout (random masks)": builtin(stats, "<built-in method torch.dropout>"),
+        "  of which LoRA dropout (random masks)": c("~", "<built-in method torch.dropout>"),
         "  of which the vision encoder + resampler": c("/tiny_minicpmv.py", "vision_embedding", ("/tiny_minicpmv.py", "embed")),
         "backward": c("accelerate/accelerator.py", "backward"),
         "optimizer step (AdamW)": c("accelerate/optimizer.py", "step"),
@@ -102,12 +95,11 @@ def render(result: dict, command: str, machine: str) -> str:
              "| phase | seconds | share of the run |", "|---|---|---|"]
     for name, s in sorted(result["phases"].items(), key=lambda kv: -kv[1]):
         lines.append(f"| {name} | {s:.1f} | {s / total:.1%} |")
-    lines += ["", f"Inside training ({result['train_s']:.1f} s):", "", "| part | seconds | share of training |", "|---|---|---|"]
-    for name, s in result["train"].items():
-        lines.append(f"| {name} | {s:.1f} | {s / result['train_s']:.1%} |" if result["train_s"] else f"| {name} | {s:.1f} | - |")
-    lines += ["", f"Inside evaluation (base and cells, {result['eval_s']:.1f} s):", "", "| part | seconds | share of evaluation |", "|---|---|---|"]
-    for name, s in result["eval"].items():
-        lines.append(f"| {name} | {s:.1f} | {s / result['eval_s']:.1%} |" if result["eval_s"] else f"| {name} | {s:.1f} | - |")
+    for part, title, note in (("train", "training", ""), ("eval", "evaluation", "base and cells, ")):
+        whole = result[f"{part}_s"]
+        lines += ["", f"Inside {title} ({note}{whole:.1f} s):", "",
+                  f"| part | seconds | share of {title} |", "|---|---|---|"]
+        lines += [f"| {name} | {s:.1f} | {s / whole:.1%} |" if whole else f"| {name} | {s:.1f} | - |" for name, s in result[part].items()]
     return "\n".join(lines) + "\n"
 
 
