@@ -40,7 +40,7 @@ class VisionCache:
     def __init__(self, max_bytes: int | None = None):
         self.max_bytes = MAX_BYTES if max_bytes is None else max_bytes
         self.folder: Path | None = None
-        self.stored: dict[tuple, tuple] = {}  # key -> (file, pixel checksum, output type, field names)
+        self.stored: dict[tuple, tuple] = {}  # key -> (file, pixel checksum, output type or None for a tensor)
         self.bytes = 0
         self.hits = self.misses = 0
         self._key = None
@@ -82,11 +82,9 @@ class VisionCache:
         entry = self.stored.get(self._key)
         if entry is not None and entry[1] == checksum:
             self.hits += 1
-            path, _, kind, fields = entry
+            path, _, kind = entry
             tensors = load_file(str(path), device=str(pixels.device))
-            if kind is None:
-                return tensors["output"]
-            return kind(**{f: tensors.get(f) for f in fields})
+            return tensors["output"] if kind is None else kind(**tensors)
         self.misses += 1
         out = original(*args, **kwargs)
         self._store(self._key, checksum, out)
@@ -96,9 +94,9 @@ class VisionCache:
         if key in self.stored:
             return
         if torch.is_tensor(out):
-            tensors, kind, fields = {"output": out}, None, ()
+            tensors, kind = {"output": out}, None
         elif hasattr(out, "keys") and all(torch.is_tensor(out[k]) for k in out.keys()):
-            tensors, kind, fields = {k: out[k] for k in out.keys()}, type(out), tuple(out.keys())
+            tensors, kind = {k: out[k] for k in out.keys()}, type(out)
         else:  # tuples of hidden states and the like: not worth a format
             return
         if any(t.requires_grad for t in tensors.values()):  # something inside trains after all
@@ -112,7 +110,7 @@ class VisionCache:
             weakref.finalize(self, shutil.rmtree, self.folder, True)  # also at interpreter exit
         path = self.folder / f"{len(self.stored)}.safetensors"
         save_file({k: t.detach().contiguous().cpu() for k, t in tensors.items()}, str(path))
-        self.stored[key] = (path, checksum, kind, fields)
+        self.stored[key] = (path, checksum, kind)
         self.bytes += size
 
 
