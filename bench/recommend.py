@@ -397,9 +397,7 @@ def run(args) -> int:
         other = get_adapter(args.estimate_for, args.trust_remote_code)
         skeleton = other.skeleton()
         tokens = other.image_tokens()
-        from bench.models.hf import HFAdapter
-
-        size = 2 if isinstance(other, HFAdapter) else next(skeleton.parameters()).element_size()
+        size = other.weight_dtype("cuda").itemsize  # the model is meant to train on a GPU
         target = MemoryTarget(args.estimate_for, args.batch_size or 8, args.seq_len or 1024, tokens or 1024, size)
         if tokens is None:
             notes.append(f"{args.estimate_for} has no fixed image resolution in its config: the estimate assumes 1024 "

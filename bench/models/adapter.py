@@ -166,6 +166,16 @@ class VLMAdapter(ABC):
         hidden = out.hidden_states
         return {"early": hidden[max(1, (len(hidden) - 1) // 4)].mean(1), "final": out.last_hidden_state.mean(1)}
 
+    loads_bf16_on_cuda = False  # checkpoint families load their weights in bf16 on a GPU; the embedded model stays fp32
+
+    def weight_dtype(self, device_type: str) -> torch.dtype:
+        """The dtype :meth:`load` gives the weights on this kind of device (memory estimates use it too)."""
+        return torch.bfloat16 if device_type == "cuda" and self.loads_bf16_on_cuda else torch.float32
+
+    def _load_dtype(self, device: torch.device) -> torch.dtype:
+        dtype = self.weight_dtype(device.type)
+        return torch.float32 if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported() else dtype
+
     def skeleton(self) -> torch.nn.Module:
         """The model's module tree with real shapes, for memory estimates (weights need not be real).
         By default the model itself (loaded on the CPU if need be); transformers families override this

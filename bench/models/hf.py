@@ -69,6 +69,7 @@ class Item:
 
 class HFAdapter(VLMAdapter):
     keeps_paths = True  # training images are opened per batch, not held in memory
+    loads_bf16_on_cuda = True
 
     def __init__(self, source: Path):
         self.source = Path(source)
@@ -85,7 +86,7 @@ class HFAdapter(VLMAdapter):
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()  # our own progress bars report the work
         register_image_only_processors()
-        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        dtype = self._load_dtype(device)
         try:
             model = AutoModelForImageTextToText.from_pretrained(self.source, dtype=dtype)
             processor = AutoProcessor.from_pretrained(self.source)

@@ -23,6 +23,7 @@ from bench.models.tiny_minicpmv import MINICPMV_ROLES, TinyMiniCPMVAdapter
 class MiniCPMVAdapter(TinyMiniCPMVAdapter):
     family = "minicpmv"
     roles = MINICPMV_ROLES
+    loads_bf16_on_cuda = True
 
     def __init__(self, source: Path, trust_remote_code: bool = False):
         super().__init__(source)
@@ -37,7 +38,7 @@ class MiniCPMVAdapter(TinyMiniCPMVAdapter):
                              "rerun with --trust-remote-code if you trust that code")
         from transformers import AutoModel, AutoTokenizer
 
-        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        dtype = self._load_dtype(device)
         try:
             model = AutoModel.from_pretrained(self.source, trust_remote_code=True, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(self.source, trust_remote_code=True)

@@ -64,7 +64,6 @@ def memory_check(model: str, out: Path, device_type: str) -> dict:
     ``max_memory_allocated``, which includes the weights, as the estimate does). Goal: within 10%."""
     from bench.memory_model import estimate_on
     from bench.models import get_adapter
-    from bench.models.hf import HFAdapter
     from bench.space import Cell
 
     csv = out / "results.csv"
@@ -72,15 +71,15 @@ def memory_check(model: str, out: Path, device_type: str) -> dict:
         return {"ok": False, "error": "no smoke results"}
     adapter = get_adapter(model)
     skeleton = adapter.skeleton()
-    # the harness loads transformers families in bf16 on CUDA; the embedded model stays fp32 under autocast
-    size = 2 if device_type == "cuda" and isinstance(adapter, HFAdapter) else next(skeleton.parameters()).element_size()
+    size = adapter.weight_dtype(device_type).itemsize
+    tokens = adapter.image_tokens() or 0
     batch = 8  # the smoke preset's batch size
     rows = []
     df = pd.read_csv(csv)
     for r in df[(df.kind == "cell") & (df.status == "ok")].itertuples():
         seq = max(1, round(r.train_tokens_per_s / r.train_samples_per_s))  # mean tokens per sequence, measured
         cell = Cell(r.target_set, int(r.rank), float(r.alpha), r.vision_policy)
-        e = estimate_on(skeleton, adapter.roles, cell, batch, seq, adapter.image_tokens() or 0, size)
+        e = estimate_on(skeleton, adapter.roles, cell, batch, seq, tokens, size)
         predicted = e.total_bytes / 2**20
         rows.append({"cell": cell.name, "seq": seq, "predicted_mib": round(predicted, 1), "measured_mib": round(float(r.peak_mem_mib), 1),
                      "ratio": round(predicted / float(r.peak_mem_mib), 3) if r.peak_mem_mib else None})
