@@ -8,14 +8,14 @@
 2. Evaluation: batched greedy generation with KV cache (batch 64) vs one item at a time, equal
    predictions required (goal >= 8x answers/s); and the lm-eval path (``bench.evaluate.evaluate``) vs
    a direct loop over the same items (goal <= 1.10x time).
-3. Matrix amortization: four cells in one process (base model and data loaded once) vs a fresh
-   process per cell (goal: wall ratio <= 0.6).
+3. Matrix amortization: the smoke matrix (and, in its own section, the default matrix) in one
+   process (base model and data loaded once) vs a fresh process per cell (goal: wall ratio <= 0.6).
+4. Before/after of the fixes the profile (bench/perf/phases.py) pointed at.
 Medians over ``--reps`` repetitions after one warm-up (alternating A and B within each repetition).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
@@ -41,11 +41,22 @@ def _median_pair(run_a, run_b, reps: int) -> tuple[float, float]:
     return statistics.median(a), statistics.median(b)
 
 
-def training_overhead(adapter, examples, reps: int, steps: int = 30) -> dict:
+def _harness_run(adapter, examples, cell, settings, vision_cache=None):
+    """One run through the harness's own training loop (seed 0), the base model handed back after."""
     from accelerate import Accelerator
 
+    from bench.train import attach, detach, resolve, train
+
+    peft_model = attach(adapter.model, resolve(adapter.model, adapter.roles, cell), cell, settings.lora_dropout, 0)
+    try:
+        return train(adapter, peft_model, examples, settings, 0, Accelerator(cpu=True), vision_cache=vision_cache)
+    finally:
+        adapter.model = detach(peft_model)
+
+
+def training_overhead(adapter, examples, reps: int, steps: int = 30) -> dict:
     from bench.space import Cell, TrainSettings
-    from bench.train import attach, batch_order, detach, resolve, train
+    from bench.train import attach, batch_order, detach, resolve
 
     cell = Cell("all", 8, 16.0, "resampler+vpm")
     settings = TrainSettings(steps=steps, batch_size=32, lr=1e-3, warmup_steps=3, lora_dropout=0.0)
@@ -53,11 +64,7 @@ def training_overhead(adapter, examples, reps: int, steps: int = 30) -> dict:
     curves = {}
 
     def harness() -> float:
-        peft_model = attach(adapter.model, res, cell, 0.0, 0)
-        try:
-            result = train(adapter, peft_model, examples, settings, 0, Accelerator(cpu=True))
-        finally:
-            adapter.model = detach(peft_model)
+        result = _harness_run(adapter, examples, cell, settings)
         curves["harness"] = result.losses
         return result.train_s
 
@@ -105,23 +112,15 @@ def training_overhead(adapter, examples, reps: int, steps: int = 30) -> dict:
 def vision_cache_effect(adapter, examples, reps: int, steps: int = 30) -> dict:
     """A cell that leaves the encoder frozen, trained with the encoder's outputs loaded from the cache
     an earlier cell filled (after) vs computed (before); the losses must be identical."""
-    from accelerate import Accelerator
-
     from bench.space import Cell, TrainSettings
-    from bench.train import attach, detach, resolve, train
     from bench.vision_cache import VisionCache
 
     cell = Cell("qv", 8, 16.0, "resampler")
     settings = TrainSettings(steps=steps, batch_size=32, lr=1e-3, warmup_steps=3)
-    res = resolve(adapter.model, adapter.roles, cell)
     cache, curves = VisionCache(), {}
 
     def run(use) -> float:
-        peft_model = attach(adapter.model, res, cell, settings.lora_dropout, 0)
-        try:
-            result = train(adapter, peft_model, examples, settings, 0, Accelerator(cpu=True), vision_cache=use)
-        finally:
-            adapter.model = detach(peft_model)
+        result = _harness_run(adapter, examples, cell, settings, use)
         curves["cached" if use else "computed"] = result.losses
         return result.train_s
 
@@ -138,17 +137,19 @@ def evaluation(adapter, suite, data_dir, reps: int, n: int = 128) -> dict:
     from bench.evaluate import evaluate
     from bench.suite_data import read_split
 
-    rows = read_split(data_dir, "test")[:n]
+    # the whole test split, decoded and encoded once: the harness keeps them across evaluations too
+    rows = read_split(data_dir, "test")
     prompts = [adapter.encode_prompt(suite.prompt(r.question)) for r in rows]
     arrays = [adapter.image_array(Image.open(r.image).convert("RGB")) for r in rows]
     model, device = adapter.model, torch.device("cpu")
     out = {}
 
-    def generate(batch_size: int):
+    def generate(batch_size: int, count: int):
+        """The direct loop over the first ``count`` items."""
         def run() -> float:
             preds = []
             start = time.perf_counter()
-            order = sorted(range(len(rows)), key=lambda i: -len(prompts[i]))
+            order = sorted(range(count), key=lambda i: -len(prompts[i]))
             for s in range(0, len(order), batch_size):
                 idx = order[s:s + batch_size]
                 batch = adapter.prompt_batch([prompts[i] for i in idx], [arrays[i] for i in idx], device)
@@ -159,7 +160,7 @@ def evaluation(adapter, suite, data_dir, reps: int, n: int = 128) -> dict:
             return time.perf_counter() - start
         return run
 
-    batched, single = _median_pair(generate(64), generate(1), reps)
+    batched, single = _median_pair(generate(64, n), generate(1, n), reps)
     speedup = single / batched
     same = out[64] == out[1]
 
@@ -181,12 +182,8 @@ def evaluation(adapter, suite, data_dir, reps: int, n: int = 128) -> dict:
         finally:
             evaluation.CACHE_INPUTS, lm_eval.evaluator.LMEVAL_HASHMM = True, False
 
-    # lm-eval against the direct loop on the whole test split, as every run evaluates; both hold the
-    # split's decoded images and encoded prompts (the harness keeps them across evaluations)
-    rows = read_split(data_dir, "test")
-    prompts = [adapter.encode_prompt(suite.prompt(r.question)) for r in rows]
-    arrays = [adapter.image_array(Image.open(r.image).convert("RGB")) for r in rows]
-    lm_eval_s, direct_s = _median_pair(through_lm_eval, generate(64), reps)
+    # lm-eval against the direct loop on the whole test split, as every run evaluates
+    lm_eval_s, direct_s = _median_pair(through_lm_eval, generate(64, len(rows)), reps)
     before_s, after_s = _median_pair(through_lm_eval_before, through_lm_eval, reps)
     return {"items": n, "split_items": len(rows), "batched_s": batched, "one_by_one_s": single, "speedup": speedup, "equal_predictions": same,
             "batched_goal": ">= 8x", "batched_met": speedup >= 8 and same,
@@ -279,7 +276,7 @@ def section(reps: int) -> str:
 
 
 def default_matrix_section(reps: int) -> str:
-    """Amortization on the default matrix (20 cells x 200 steps): ~17 min in one process, ~20 min apart."""
+    """Amortization on the default matrix (20 cells x 200 steps): ~17 min in one process, ~24 min apart."""
     t0 = time.perf_counter()
     mx = amortization(reps, "default", None)
     minutes = (time.perf_counter() - t0) / 60
