@@ -36,24 +36,28 @@ def levenshtein(a: str, b: str) -> int:
 
 
 def _anls_norm(text: str) -> str:
-    return " ".join(text.lower().split())
+    return " ".join(text.strip().lower().split())
 
 
 def anls(prediction: str, answers: Sequence[str] | str, threshold: float = 0.5) -> float:
-    """DocVQA ANLS for one item.
+    """DocVQA ANLS for one item, as the official evaluation code computes it.
 
-    The threshold zeroes out near-misses that are really wrong answers, so a
-    model can't collect partial credit for unrelated text of similar length.
+    Two details of that code differ from the paper's formula and move scores (one wrong character of a
+    2-character answer lands exactly on NL = 0.5): the edit distance is taken between the lower-cased,
+    whitespace-collapsed strings but divided by the longer of the RAW strings (``len(s.upper())``,
+    verbatim: upper-casing can lengthen a string, e.g. ``ß``), and the item score ``1 - min(NL)`` is
+    zeroed only when it is *below* the threshold, so NL = 0.5 scores 0.5.
     """
-    pred = _anls_norm(prediction)
-    best = 0.0
-    for ans in _as_list(answers):
-        gt = _anls_norm(ans)
-        longest = max(len(pred), len(gt))
-        nl = levenshtein(pred, gt) / longest if longest else 0.0
-        score = 1.0 - nl if nl < threshold else 0.0
-        best = max(best, score)
-    return best
+    det = _anls_norm(prediction)
+    values = []
+    for answer in _as_list(answers):
+        dist = levenshtein(_anls_norm(answer), det)
+        length = max(len(answer.upper()), len(prediction.upper()))
+        values.append(0.0 if length == 0 else dist / length)
+    if not values:
+        return 0.0
+    score = 1.0 - min(values)
+    return 0.0 if score < threshold else score
 
 
 # --------------------------------------------------------------------- VQA accuracy

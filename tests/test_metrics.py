@@ -45,10 +45,48 @@ def test_anls_one_edit_in_four_chars():
     assert anls("abc", ["abcd"]) == pytest.approx(0.75)  # deletion, max len 4
 
 
-def test_anls_at_or_above_threshold_is_zero():
-    assert anls("abxy", ["abcd"]) == 0.0  # NL == 0.5 exactly -> not < 0.5
+def test_anls_boundary_is_kept_as_the_official_code_does():
+    # score = 1 - NL is zeroed only when it is BELOW 0.5: NL == 0.5 scores 0.5
+    assert anls("abxy", ["abcd"]) == pytest.approx(0.5)
+    assert anls("24", ["23"]) == pytest.approx(0.5)  # one wrong digit of a 2-digit answer
+    assert anls("2", ["23"]) == pytest.approx(0.5)
     assert anls("wxyz", ["abcd"]) == 0.0
-    assert anls("abxy", ["abcd"], threshold=0.6) == pytest.approx(0.5)
+    assert anls("abxyz", ["abcd"]) == 0.0  # 3 edits / 5 = 0.6 -> 0.4 < 0.5
+    assert anls("abxy", ["abcd"], threshold=0.6) == 0.0
+
+
+def test_anls_divides_by_the_raw_lengths():
+    # distance on normalised strings (1: "13" vs "12"), length of the raw prediction (4 with its spaces)
+    assert anls(" 13 ", ["12"]) == pytest.approx(0.75)
+    assert anls("1   3", ["1 2"]) == pytest.approx(0.8)  # dist("1 3", "1 2") = 1, raw length 5
+    # verbatim len(s.upper()): upper-casing "ß" gives "SS", so the answer's length is 2
+    assert anls("s", ["ß"]) == pytest.approx(0.5)
+
+
+def _official_anls(prediction: str, answers: list[str]) -> float:
+    """The per-question loop of the DocVQA evaluation script, transcribed statement by statement."""
+    values = []
+    for answer in answers:
+        gt_answer = " ".join(answer.strip().lower().split())
+        det_answer = " ".join(prediction.strip().lower().split())
+        dist = levenshtein(gt_answer, det_answer)
+        length = max(len(answer.upper()), len(prediction.upper()))
+        values.append(0.0 if length == 0 else float(dist) / float(length))
+    question_result = 1 - min(values)
+    if question_result < 0.5:
+        question_result = 0
+    return question_result
+
+
+def test_anls_equals_the_official_loop_on_random_strings():
+    import random
+
+    rng = random.Random(0)
+    alphabet = "ab1 2\tAB"
+    for _ in range(3000):
+        pred = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 6)))
+        answers = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 6))) for _ in range(rng.randint(1, 3))]
+        assert anls(pred, answers) == _official_anls(pred, answers), (pred, answers)
 
 
 def test_anls_takes_max_over_answers():
