@@ -151,12 +151,28 @@ class EvalResult:
         return len(self.items) / self.seconds if self.seconds > 0 else 0.0
 
 
-_TASKS: dict[tuple[str, str], dict] = {}
+_TASKS: dict[tuple, dict] = {}
 
 
-def load_task(suite: Suite, data_dir) -> dict:
-    """The suite's lm-eval task over a prepared data folder, built once per process and reused."""
-    key = (suite.name, str(data_dir))
+def generation_budget(adapter: VLMAdapter, suite: Suite, data_dir) -> int:
+    """``max_gen_toks`` for a suite's data in this model's tokenizer: the longest training or validation
+    answer (end-of-turn included) plus a quarter, at least 2 tokens, of room. A fixed number truncates
+    real tokenizers' answers (and wastes decoding steps on a character-level one); test answers are
+    not looked at."""
+    from bench.suite_data import read_split
+
+    rows = [r for split in ("train", "val") for r in read_split(data_dir, split)]
+    if not rows:
+        return 32
+    prompt = suite.prompt(rows[0].question)
+    longest = max(adapter.answer_tokens(prompt, a) for a in {r.answers[0] for r in rows})
+    return longest + max(2, -(-longest // 4))
+
+
+def load_task(suite: Suite, data_dir, split: str = "test", max_gen_toks: int | None = None) -> dict:
+    """The suite's lm-eval task over a prepared data folder, evaluated on ``split`` (the YAML's
+    ``test_split`` overridden), built once per process and reused."""
+    key = (suite.name, str(data_dir), split, max_gen_toks)
     if key not in _TASKS:
         from lm_eval.tasks import TaskManager
 
@@ -166,6 +182,10 @@ def load_task(suite: Suite, data_dir) -> dict:
                               metadata={"data_dir": str(data_dir)})
         _TASKS[key] = manager.load([suite.name])
         for task in _TASKS[key]["tasks"].values():
+            # lm-eval reads both when it builds requests (eval_docs is a property of test_split)
+            task.config.test_split = split
+            if max_gen_toks is not None:
+                task.config.generation_kwargs = {**(task.config.generation_kwargs or {}), "max_gen_toks": max_gen_toks}
             _reuse_requests(task)
     return _TASKS[key]
 
@@ -192,15 +212,16 @@ def _reuse_requests(task) -> None:
 
 
 def evaluate(adapter: VLMAdapter, model, suite: Suite, data_dir, device, limit: int | None = None,
-             batch_size: int = 64, progress=None) -> EvalResult:
-    """Run the suite's lm-eval task on ``model`` and return the mean score and per-item scores.
+             batch_size: int = 64, progress=None, split: str = "test", max_gen_toks: int | None = None) -> EvalResult:
+    """Run the suite's lm-eval task on ``split`` of the prepared data and return the mean score and
+    per-item scores. ``max_gen_toks`` replaces the YAML's (see :func:`generation_budget`).
 
     Uses ``lm_eval.evaluator.evaluate`` rather than ``simple_evaluate``: the latter collects the whole
     environment (``torch.utils.collect_env``, git) on every call, seconds per run for nothing we keep.
     """
     from lm_eval.evaluator import evaluate as lm_evaluate
 
-    task_dict = load_task(suite, data_dir)
+    task_dict = load_task(suite, data_dir, split, max_gen_toks)
     lm = HarnessLM(adapter, model, device, batch_size=batch_size, progress=progress)
     start = time.perf_counter()
     out = lm_evaluate(lm, task_dict, limit=limit, log_samples=True, bootstrap_iters=0, cache_requests=False)

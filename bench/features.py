@@ -92,7 +92,7 @@ def suite_images(suite_name: str, n: int, seed: int = 0, prepared: str | None = 
     if prepared and "-data-" in prepared:
         raise BenchError(f"suite {suite_name}'s records were measured on a dataset ({prepared}) that is no longer prepared "
                          f"in {cache_root()}; rerun that benchmark with its --data (it re-prepares the folder)")
-    folder = suite.prepare(train_items=1, test_items=max(n, 1))
+    folder = suite.prepare(train_items=1, test_items=max(n, 1), val_items=0)
     return from_prepared(suite_name, folder, n, seed)
 
 

@@ -19,7 +19,8 @@ Formats (detected from the files, whatever their names):
 Splits come from the source (a row's ``set_name``, the file's ``dataset_split``, a ``train/`` or
 ``val/`` folder, a ``train-``/``validation-`` shard name). Train is the train split, test the
 validation split (or a labelled test split). With one labelled split only, it is divided with a fixed
-seed, whole images at a time, so no image is in both.
+seed, whole images at a time, so no image is in both. The harness's own validation split (every
+choice looks at it, never at test) is then carved out of train the same way.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ from bench.errors import BenchError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TEST_FRACTION = 0.2
+VAL_FRACTION = 0.1  # of the training items, whole images at a time...
+MAX_VAL_ITEMS = 1000  # ...up to this many: enough to choose with, without starving training
 SPLIT_SEED = 0
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                "dev": "val", "test": "test"}  # fmt: skip
@@ -290,7 +293,10 @@ READERS = {"textvqa-json": _read_textvqa, "docvqa-json": _read_docvqa, "chartqa-
 
 
 def assign_splits(rows: list[Row], notes: list[str]) -> dict[str, list[Row]]:
-    """Train = the train split; test = val (else a labelled test split); one split only -> divided by image."""
+    """Train = the train split; test = val (else a labelled test split); one split only -> divided by
+    image. Validation is carved out of train (whole images, fixed seed)."""
+    from bench.suite_data import carve
+
     by_split: dict[str | None, list[Row]] = {}
     for row in rows:
         by_split.setdefault(row.split, []).append(row)
@@ -301,16 +307,25 @@ def assign_splits(rows: list[Row], notes: list[str]) -> dict[str, list[Row]]:
         kept = [r for r in train if r.doc not in in_test]
         if len(kept) < len(train):
             notes.append(f"dropped {len(train) - len(kept)} train rows whose image is also in the {test_name} split")
-        return {"train": kept, "test": test}
-    pool = [r for rs in by_split.values() for r in rs]
-    docs = sorted({r.doc for r in pool})
-    if len(docs) < 2:
-        raise BenchError(f"{pool[0].where.rsplit(' row ', 1)[0]}: one image only; a train/test split needs at least two images")
-    random.Random(SPLIT_SEED).shuffle(docs)
-    n_test = max(1, round(len(docs) * TEST_FRACTION))
-    test_docs = set(docs[:n_test])
-    notes.append(f"one labelled split: {n_test} of {len(docs)} images held out for test (seed {SPLIT_SEED})")
-    return {"train": [r for r in pool if r.doc not in test_docs], "test": [r for r in pool if r.doc in test_docs]}
+        train = kept
+    else:
+        pool = [r for rs in by_split.values() for r in rs]
+        docs = sorted({r.doc for r in pool})
+        if len(docs) < 3:
+            raise BenchError(f"{pool[0].where.rsplit(' row ', 1)[0]}: {len(docs)} image(s) only; train, validation and test "
+                             "splits need at least three images")
+        random.Random(SPLIT_SEED).shuffle(docs)
+        n_test = max(1, round(len(docs) * TEST_FRACTION))
+        test_docs = set(docs[:n_test])
+        notes.append(f"one labelled split: {n_test} of {len(docs)} images held out for test (seed {SPLIT_SEED})")
+        train, test = [r for r in pool if r.doc not in test_docs], [r for r in pool if r.doc in test_docs]
+    if len({r.doc for r in train}) < 2:
+        raise BenchError(f"{train[0].where.rsplit(' row ', 1)[0] if train else 'the data'}: the training split has fewer than "
+                         "two images; a validation split is carved from it, so it needs at least two")
+    n_val = max(1, min(MAX_VAL_ITEMS, round(len(train) * VAL_FRACTION)))
+    train, val = carve(train, n_val, doc=lambda r: r.doc, seed=SPLIT_SEED)
+    notes.append(f"validation: {len(val)} training rows ({len({r.doc for r in val})} images) carved out (seed {SPLIT_SEED})")
+    return {"train": train, "val": val, "test": test}
 
 
 def _limited(rows: list[Row], limit: int | None) -> list[Row]:
@@ -400,7 +415,7 @@ def prepare(suite: str, path: Path, accepted: tuple[str, ...], limit: int | None
     try:
         (tmp / "images").mkdir()
         content = hashlib.sha256()
-        for name in ("test", "train"):
+        for name in ("test", "train", "val"):
             _write_split(tmp, name, splits[name], content)
         (tmp / "COMPLETE").write_text(json.dumps({**spec, "source": str(path.resolve()), "notes": source.notes,
                                                   "content": content.hexdigest()[:16]}, indent=2) + "\n")

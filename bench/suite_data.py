@@ -1,4 +1,9 @@
-"""A suite's data on disk: ``train.jsonl`` / ``test.jsonl`` + ``images/``, prepared once, cached by content.
+"""A suite's data on disk: ``train.jsonl`` / ``val.jsonl`` / ``test.jsonl`` + ``images/``, prepared once,
+cached by content.
+
+Three splits, because every choice the harness makes (learning rate, best cell, pruning, the saved
+adapter, the recommendation) must look at data that is then not reported: ``val`` is carved out of the
+training pool (whole documents, fixed seed) and ``test`` is only ever reported.
 
 Generated data is written to ``<cache>/<suite>-<hash>/`` where the hash covers the suite, its
 generator's source and the sizes and seed, so a changed generator never reuses stale files. The folder
@@ -13,6 +18,7 @@ import hashlib
 import inspect
 import json
 import os
+import random
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -20,7 +26,8 @@ from pathlib import Path
 
 from bench.errors import BenchError
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
+VAL_SEED = 0  # which training documents become validation documents
 
 
 def cache_root() -> Path:
@@ -74,10 +81,31 @@ def generator_fingerprint(generate_fn) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def carve(rows: list, n_val: int, doc, seed: int = VAL_SEED) -> tuple[list, list]:
+    """Split a training pool into (train, val) by whole documents, ``n_val`` items or just over.
+
+    ``doc(row)`` names a row's document (its image): a document is never on both sides.
+    """
+    docs = list(dict.fromkeys(doc(r) for r in rows))
+    random.Random(seed).shuffle(docs)
+    size: dict[str, int] = {}
+    for r in rows:
+        size[doc(r)] = size.get(doc(r), 0) + 1
+    chosen, count = set(), 0
+    for d in docs:
+        if count >= n_val:
+            break
+        chosen.add(d)
+        count += size[d]
+    return [r for r in rows if doc(r) not in chosen], [r for r in rows if doc(r) in chosen]
+
+
 def prepare_generated(suite: str, generate_fn, sizes: dict[str, int], seed: int, options: dict | None = None) -> Path:
-    """Generate (or reuse) a suite's splits; test and train never share a document."""
+    """Generate (or reuse) a suite's splits: test first, then a training pool from which ``val`` is
+    carved; no document is in two splits."""
     options = options or {}
-    spec = {"suite": suite, "sizes": sizes, "seed": seed, "options": options, "generator": generator_fingerprint(generate_fn)}
+    spec = {"suite": suite, "sizes": sizes, "seed": seed, "options": options, "generator": generator_fingerprint(generate_fn),
+            "val_seed": VAL_SEED}
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     folder = cache_root() / f"{suite}-{digest}"
     if content_digest(folder):
@@ -87,10 +115,13 @@ def prepare_generated(suite: str, generate_fn, sizes: dict[str, int], seed: int,
     try:
         (tmp / "images").mkdir()
         seen: set[str] = set()
+        # Test first: training items whose document appears in test are skipped, never the reverse.
+        test = _draw(tmp, "test", generate_fn, sizes["test"], seed * 1000, options, seen)
+        pool = _draw(tmp, "pool", generate_fn, sizes["train"] + sizes.get("val", 0), seed * 1000 + 1, options, seen)
+        train, val = carve(pool, sizes.get("val", 0), doc=lambda r: r["doc"])
         content = hashlib.sha256()
-        # Test first: train items whose document appears in test are skipped, never the reverse.
-        for index, split in enumerate(("test", "train")):
-            _write_split(tmp, split, generate_fn, sizes[split], seed * 1000 + index, options, seen, content)
+        for split, rows in (("test", test), ("train", train), ("val", val)):
+            _write_split(tmp, split, rows, content)
         (tmp / "COMPLETE").write_text(json.dumps({**spec, "content": content.hexdigest()[:16]}, indent=2) + "\n")
         try:
             os.replace(tmp, folder)
@@ -117,33 +148,44 @@ def content_digest(folder: Path) -> str | None:
 def describe(folder: Path) -> str:
     """Where a prepared folder's data came from, for the reports."""
     meta = json.loads((Path(folder) / "COMPLETE").read_text())
-    counts = {split: sum(1 for _ in open(Path(folder) / f"{split}.jsonl")) for split in SPLITS}
-    sizes = f"{counts['train']} train / {counts['test']} test items"
+    counts = {split: sum(1 for _ in open(Path(folder) / f"{split}.jsonl")) if (Path(folder) / f"{split}.jsonl").is_file() else 0
+              for split in SPLITS}
+    sizes = f"{counts['train']} train / {counts['val']} validation / {counts['test']} test items"
     if "format" in meta:
         return f"{Path(meta['source']).name} ({meta['format']}; {sizes})"
     return f"generated (seed {meta['seed']}; {sizes})"
 
 
-def _write_split(root: Path, split: str, generate_fn, n: int, seed: int, options: dict, seen: set[str], content) -> None:
+def _draw(root: Path, prefix: str, generate_fn, n: int, seed: int, options: dict, seen: set[str]) -> list[dict]:
+    """``n`` items with documents not in ``seen``; images saved as ``images/<prefix>-NNNNNN.png``."""
     rows = []
     stream = generate_fn(n * 2 + 100, seed, **options)
     for item in stream:
+        if len(rows) == n:
+            break
         key = item.get("key") or hashlib.sha256(item["image"].tobytes()).hexdigest()
         if key in seen:
             continue
         seen.add(key)
-        ident = f"{split}-{len(rows):06d}"
-        rel = f"images/{ident}.png"
+        rel = f"images/{prefix}-{len(rows):06d}.png"
         item["image"].save(root / rel)
-        row = {"id": ident, "image": rel, "question": item["question"], "answers": item["answers"],
-               "qtype": item.get("qtype", ""), "doc": key}
-        rows.append(row)
-        content.update(json.dumps(row, sort_keys=True).encode())
-        content.update(f"{item['image'].mode}{item['image'].size}".encode() + item["image"].tobytes())
-        if len(rows) == n:
-            break
+        pixels = hashlib.sha256(f"{item['image'].mode}{item['image'].size}".encode() + item["image"].tobytes()).hexdigest()
+        rows.append({"image": rel, "question": item["question"], "answers": item["answers"],
+                     "qtype": item.get("qtype", ""), "doc": key, "pixels": pixels})
     if len(rows) < n:
+        split = "training" if prefix == "pool" else prefix
         raise BenchError(f"the {split} generator produced only {len(rows)} distinct documents of {n}; lower the size")
+    return rows
+
+
+def _write_split(root: Path, split: str, rows: list[dict], content) -> None:
+    """Number the split's rows, move their images to ``images/<split>-NNNNNN.png``, write the jsonl."""
     with open(root / f"{split}.jsonl", "w") as fh:
-        for row in rows:
+        for n, drawn in enumerate(rows):
+            ident = f"{split}-{n:06d}"
+            rel = f"images/{ident}.png"
+            if drawn["image"] != rel:
+                os.replace(root / drawn["image"], root / rel)
+            row = {"id": ident, "image": rel, **{k: drawn[k] for k in ("question", "answers", "qtype", "doc")}}
+            content.update(json.dumps(row, sort_keys=True).encode() + drawn["pixels"].encode())
             fh.write(json.dumps(row) + "\n")

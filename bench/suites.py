@@ -1,7 +1,8 @@
 """Suite registry: every folder under ``suites/`` with ``<name>.yaml`` is a suite.
 
 The YAML is an ordinary lm-eval task; the harness reads only its ``metadata.harness`` block (metric,
-default sizes, seed) and ``generation_kwargs.max_gen_toks``. Adding a suite means adding a folder:
+default sizes, seed) and ``generation_kwargs`` (whose ``max_gen_toks`` the harness replaces with a
+budget derived from the suite's answers in the model's tokenizer: bench.evaluate.generation_budget). Adding a suite means adding a folder:
 ``<name>.yaml`` + ``utils.py`` (lm-eval hooks) + ``generate.py`` (offline generator); the optional
 ``data_formats`` list names the real-data formats ``--data`` may hold for it (see bench/loaders.py).
 """
@@ -35,10 +36,11 @@ class Suite:
     folder: Path
     task_yaml: Path
     metric: str
-    max_new_tokens: int
     train_items: int
     test_items: int
+    val_items: int
     seed: int
+    generation_kwargs: tuple = ()  # the YAML's generation_kwargs items (max_gen_toks is the harness's own)
     data_formats: tuple[str, ...] = ()  # real-data formats --data accepts (bench/loaders.py)
 
     def generator(self):
@@ -50,7 +52,7 @@ class Suite:
         return utils.doc_to_text({"question": question})
 
     def prepare(self, train_items: int | None = None, test_items: int | None = None, data: Path | None = None,
-                limit: int | None = None, console=None) -> Path:
+                limit: int | None = None, console=None, val_items: int | None = None) -> Path:
         """The prepared folder: real data from ``data`` when given, else the generator's output.
         ``limit`` caps the items of each split."""
         if data is not None:
@@ -58,7 +60,8 @@ class Suite:
                 raise BenchError(f"suite {self.name} has no real-data loader (it is generated only); drop --data or pick "
                                  f"one of {', '.join(n for n, s in available().items() if s.data_formats)}")
             return loaders.prepare(self.name, data, self.data_formats, limit, cache_root(), console)
-        sizes = {"train": train_items or self.train_items, "test": test_items or self.test_items}
+        sizes = {"train": train_items or self.train_items, "test": test_items or self.test_items,
+                 "val": self.val_items if val_items is None else val_items}
         if limit:
             sizes = {split: min(n, limit) for split, n in sizes.items()}
         return prepare_generated(self.name, self.generator(), sizes, self.seed)
@@ -76,9 +79,10 @@ def available() -> dict[str, Suite]:
             folder=task_yaml.parent,
             task_yaml=task_yaml,
             metric=harness["metric"],
-            max_new_tokens=int(config.get("generation_kwargs", {}).get("max_gen_toks", 16)),
             train_items=int(harness.get("train_items", 2000)),
             test_items=int(harness.get("test_items", 500)),
+            val_items=int(harness.get("val_items", 500)),
+            generation_kwargs=tuple(sorted((config.get("generation_kwargs") or {}).items())),
             seed=int(harness.get("seed", 0)),
             data_formats=tuple(harness.get("data_formats", ())),
         )

@@ -101,42 +101,45 @@ def _docs(folder: Path, split: str) -> set[str]:
 
 def test_textvqa_json_uses_the_source_splits_and_keeps_ten_answers(tmp_path):
     folder = _prepare("textvqa", textvqa_fixture(tmp_path / "textvqa"))
-    train, test = read_split(folder, "train"), read_split(folder, "test")
-    assert (len(train), len(test)) == (12, 6)
+    train, val, test = read_split(folder, "train"), read_split(folder, "val"), read_split(folder, "test")
+    assert (len(train) + len(val), len(test)) == (12, 6) and len(val) == 2  # validation: one training image, both questions
     assert not _images(folder, "train") & _images(folder, "test")
-    assert all(len(r.answers) == 10 for r in train + test)
+    assert not _images(folder, "train") & _images(folder, "val") and not _images(folder, "val") & _images(folder, "test")
+    assert all(len(r.answers) == 10 for r in train + val + test)
     # answers[0] (the training target) is the most common answer
-    assert {r.answers[0] for r in train} == {"stop", "twelve"}
+    assert {r.answers[0] for r in train + val} == {"stop", "twelve"}
     assert "train" in describe(folder) and "textvqa-json" in describe(folder)
 
 
 def test_docvqa_single_split_is_divided_by_page(tmp_path):
     folder = _prepare("docvqa", docvqa_fixture(tmp_path / "docvqa"))
-    train, test = read_split(folder, "train"), read_split(folder, "test")
-    assert len(train) + len(test) == 20 and len(test) == 4  # 2 of 10 pages, both questions of each
-    assert not _docs(folder, "train") & _docs(folder, "test")
-    assert not _images(folder, "train") & _images(folder, "test")
-    assert all(Path(r.image).is_file() for r in train + test)
+    train, val, test = read_split(folder, "train"), read_split(folder, "val"), read_split(folder, "test")
+    assert len(train) + len(val) + len(test) == 20 and len(test) == 4 and len(val) == 2  # whole pages, both questions
+    for a, b in (("train", "test"), ("train", "val"), ("val", "test")):
+        assert not _docs(folder, a) & _docs(folder, b)
+        assert not _images(folder, a) & _images(folder, b)
+    assert all(Path(r.image).is_file() for r in train + val + test)
     # same source, same split (fixed seed); --limit caps each split
     again = _prepare("docvqa", tmp_path / "docvqa")
     assert again == folder and content_digest(again) == content_digest(folder)
     limited = _prepare("docvqa", tmp_path / "docvqa", limit=3)
     assert len(read_split(limited, "train")) == 3 and len(read_split(limited, "test")) == 3
+    assert len(read_split(limited, "val")) == 2
 
 
 def test_chartqa_json_finds_images_in_png_folders(tmp_path):
     folder = _prepare("chartqa", chartqa_fixture(tmp_path / "chartqa"))
     test = read_split(folder, "test")
-    assert len(read_split(folder, "train")) == 8 and len(test) == 4
+    assert len(read_split(folder, "train")) + len(read_split(folder, "val")) == 8 and len(test) == 4
     assert test[0].answers == ["10"] and test[0].question == "What is the value of bar 0?"
 
 
 def test_parquet_images_are_streamed_to_files(tmp_path):
     folder = _prepare("docvqa", parquet_fixture(tmp_path / "hf"))
-    train, test = read_split(folder, "train"), read_split(folder, "test")
-    assert len(train) + len(test) == 12
-    assert not _docs(folder, "train") & _docs(folder, "test")
-    for row in train + test:
+    train, val, test = read_split(folder, "train"), read_split(folder, "val"), read_split(folder, "test")
+    assert len(train) + len(val) + len(test) == 12 and val
+    assert not _docs(folder, "train") & _docs(folder, "test") and not _docs(folder, "val") & _docs(folder, "test")
+    for row in train + val + test:
         with Image.open(row.image) as im:
             assert im.format == "JPEG" and im.size == (80, 60)
     # the right bytes went to the right row: each row's image shade encodes its question number
@@ -224,7 +227,7 @@ def test_cli_runs_a_real_format_and_refuses_bad_data(tmp_path):
                  "--limit", "6", "--out", str(out))
     assert ok.returncode == 0, ok.stderr[-2000:]
     text = (out / "results.md").read_text()
-    assert "Data: chartqa (chartqa-json; 6 train / 4 test items)" in text
+    assert "Data: chartqa (chartqa-json; 6 train / 1 validation / 4 test items)" in text
     (data / "train" / "png" / "train1.png").write_bytes(b"")
     bad_out = tmp_path / "bad"
     bad = run_cli("--suite", "chartqa", "--data", str(data), "--preset", "smoke", "--out", str(bad_out))
@@ -233,3 +236,27 @@ def test_cli_runs_a_real_format_and_refuses_bad_data(tmp_path):
     assert "Traceback" not in bad.stderr and not bad_out.exists()
     two = run_cli("--suite", "chartqa,docvqa", "--data", str(data), "--out", str(bad_out))
     assert two.returncode == 2 and "one suite per dataset" in two.stderr and not bad_out.exists()
+
+
+REAL_DOCVQA = Path(__file__).resolve().parents[2] / "shared" / "real-data" / "docvqa-val-3pages"
+
+
+@pytest.mark.skipif(not REAL_DOCVQA.is_dir(), reason="the real DocVQA pages are not beside this checkout")
+def test_real_docvqa_pages_split_three_ways_and_score_officially(tmp_path):
+    """Three real DocVQA validation pages in the official format: one page per split, whole pages only;
+    official ANLS on their real answers (the boundary and raw-length rules matter on real strings)."""
+    from bench.metrics import anls
+
+    folder = _prepare("docvqa", REAL_DOCVQA)
+    splits = {name: read_split(folder, name) for name in ("train", "val", "test")}
+    assert sum(len(rows) for rows in splits.values()) == 12
+    assert all(len({r.image for r in rows}) == 1 for rows in splits.values())
+    assert len({r.image for rows in splits.values() for r in rows}) == 3
+    rows = [r for rs in splits.values() for r in rs]
+    for row in rows:
+        assert anls(row.answers[0], row.answers) == 1.0
+        assert anls(f"  {row.answers[0].upper()} ", row.answers) == 1.0  # case and spacing do not count
+    page = next(r for r in rows if "2" in r.answers and "page 2" in r.answers)
+    assert anls("page2", page.answers) == pytest.approx(1 - 1 / 6)  # nearest answer "page 2": one edit over 6 raw chars
+    assert anls("3", page.answers) == 0.0  # NL = 1 against "2"
+    assert anls("  3 ", page.answers) == pytest.approx(0.75)  # ...but the raw prediction is 4 long: NL = 1/4

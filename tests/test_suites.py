@@ -20,7 +20,7 @@ charts = suites.get("chartqa").generator()
 def test_registry_reads_the_task_yaml():
     docvqa = suites.get("docvqa")
     assert docvqa.metric == "anls"
-    assert docvqa.max_new_tokens >= 4
+    assert dict(docvqa.generation_kwargs)["until"] == ["\n"] and docvqa.val_items > 0
     assert suites.get("shapes").metric == "vqa_accuracy"
     with pytest.raises(BenchError, match="unknown suite 'nope'"):
         suites.get("nope")
@@ -64,14 +64,16 @@ def test_docvqa_answer_is_printed_on_the_page():
 
 @pytest.mark.parametrize("name", ["docvqa", "shapes", "shapes-shift", "textvqa", "chartqa"])
 def test_prepared_splits_share_no_document(name):
-    folder = suites.get(name).prepare(train_items=300, test_items=100)
+    folder = suites.get(name).prepare(train_items=300, test_items=100, val_items=50)
     read = lambda split: [json.loads(line) for line in (folder / f"{split}.jsonl").read_text().splitlines()]
-    train, test = read("train"), read("test")
-    assert len(train) == 300 and len(test) == 100
-    assert not {r["doc"] for r in train} & {r["doc"] for r in test}
-    assert all((folder / r["image"]).is_file() for r in train + test)
+    train, val, test = read("train"), read("val"), read("test")
+    assert len(train) == 300 and len(test) == 100 and len(val) >= 50
+    docs = [{r["doc"] for r in rows} for rows in (train, val, test)]
+    assert not docs[0] & docs[1] and not docs[0] & docs[2] and not docs[1] & docs[2]
+    assert all((folder / r["image"]).is_file() for r in train + val + test)
+    assert [r["id"] for r in val] == [f"val-{i:06d}" for i in range(len(val))]
     # a second call reuses the cached folder
-    assert suites.get(name).prepare(train_items=300, test_items=100) == folder
+    assert suites.get(name).prepare(train_items=300, test_items=100, val_items=50) == folder
 
 
 def _glyphs(text: str, tracking: int) -> np.ndarray:
@@ -126,15 +128,28 @@ def test_chartqa_answer_is_plotted():
     assert qtypes == {"value", "highest", "lowest"}
 
 
-def test_lm_eval_scores_match_the_metric(tiny):
+def test_lm_eval_scores_match_the_metric_on_each_split(tiny):
     suite = suites.get("docvqa")
-    folder = suite.prepare(train_items=300, test_items=40)
-    result = evaluate(tiny, tiny.model, suite, folder, torch.device("cpu"), batch_size=16)
-    answers = {json.loads(line)["id"]: json.loads(line)["answers"] for line in (folder / "test.jsonl").read_text().splitlines()}
-    assert len(result.items) == 40
-    for item in result.items:
-        assert item["score"] == METRICS["anls"](item["prediction"], answers[item["id"]])
-    assert result.score == pytest.approx(sum(i["score"] for i in result.items) / 40)
+    folder = suite.prepare(train_items=300, test_items=40, val_items=30)
+    for split, n in (("test", 40), ("val", 30)):
+        result = evaluate(tiny, tiny.model, suite, folder, torch.device("cpu"), batch_size=16, split=split)
+        answers = {json.loads(line)["id"]: json.loads(line)["answers"]
+                   for line in (folder / f"{split}.jsonl").read_text().splitlines()}
+        assert len(result.items) == n and all(item["id"].startswith(split) for item in result.items)
+        for item in result.items:
+            assert item["score"] == METRICS["anls"](item["prediction"], answers[item["id"]])
+        assert result.score == pytest.approx(sum(i["score"] for i in result.items) / n)
+
+
+def test_generation_budget_follows_the_answers_in_the_tokenizer(tiny):
+    from bench.evaluate import generation_budget
+
+    suite = suites.get("docvqa")
+    folder = suite.prepare(train_items=300, test_items=40, val_items=30)
+    longest = max(len(tiny.answer_ids(a)) for split in ("train", "val")
+                  for a in (json.loads(line)["answers"][0] for line in (folder / f"{split}.jsonl").read_text().splitlines()))
+    assert longest == 4  # three digits and the end-of-turn token
+    assert generation_budget(tiny, suite, folder) == longest + 2
 
 
 def test_evaluation_reuses_decoded_images_and_prompts_with_the_same_results(tiny, monkeypatch):
@@ -187,7 +202,7 @@ def _tiny_generator(n, seed, unused=0, shade=0):
 def test_records_are_keyed_by_data_content_not_generator_code():
     from bench.suite_data import content_digest, prepare_generated
 
-    sizes = {"train": 5, "test": 3}
+    sizes = {"train": 5, "test": 3, "val": 2}
     a = prepare_generated("tiny", _tiny_generator, sizes, 0, {"unused": 1})
     b = prepare_generated("tiny", _tiny_generator, sizes, 0, {"unused": 2})
     c = prepare_generated("tiny", _tiny_generator, sizes, 0, {"shade": 9})

@@ -87,6 +87,10 @@ class VLMAdapter(ABC):
         """Token ids of an answer, end-of-turn included."""
         raise NotImplementedError(f"{type(self).__name__} builds its batches with its processor")
 
+    def answer_tokens(self, prompt: str, answer: str) -> int:
+        """How many tokens the model must generate to give ``answer`` (end-of-turn included)."""
+        return len(self.answer_ids(answer))
+
     def pixel_values(self, arrays: list[np.ndarray], device: torch.device) -> torch.Tensor:
         """Stack uint8 arrays into the model's normalised pixel tensor."""
         raise NotImplementedError(f"{type(self).__name__} builds its pixel inputs with its processor")

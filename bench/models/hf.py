@@ -151,6 +151,9 @@ class HFAdapter(VLMAdapter):
             tail += self.tokenizer.eos_token or ""
         return tail
 
+    def answer_tokens(self, prompt: str, answer: str) -> int:
+        return len(self.tokenizer(self.continuation(prompt, answer), add_special_tokens=False)["input_ids"])
+
     def example(self, prompt: str, image, answer: str) -> Item:
         return Item(self.encode_prompt(prompt), self.continuation(prompt, answer), image)
 
