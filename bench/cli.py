@@ -20,9 +20,10 @@ from bench.errors import BenchError
 from bench.space import PRESETS, TARGET_SETS, VISION_POLICIES
 
 EPILOG = """examples:
-  python run_bench.py --suite docvqa                      # default preset: 5 target sets x 4 vision policies
+  python run_bench.py --suite docvqa                      # default: 5 target sets x 4 vision policies x 3 rates x 3 seeds
   python run_bench.py --suite docvqa --preset smoke       # a first look in under a minute
-  python run_bench.py --suite docvqa --targets qk,qv --ranks 4,16 --vision frozen,resampler --seeds 0,1,2
+  python run_bench.py --suite docvqa --targets qk,qv --ranks 4,16 --vision frozen,resampler --seeds 0,1,2 --lrs 1e-3,3e-3
+  python run_bench.py --suite docvqa --param-budget 20000  # target sets compared at equal LoRA parameter counts
   python run_bench.py --suite docvqa --search optuna --trials 20 --memory-budget 16GiB    # multi-objective search
   python run_bench.py --suite docvqa --search optuna --objectives score --trials 12      # single objective, with pruning
   python run_bench.py --suite textvqa --data ~/data/textvqa --limit 2000   # a real dataset instead of the generator
@@ -48,11 +49,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", help="seeds, e.g. 0,1,2")
     p.add_argument("--steps", type=int, help="optimizer steps per run (same for every cell)")
     p.add_argument("--batch-size", type=int, help="training batch size")
-    p.add_argument("--lr", type=float, help="learning rate")
+    p.add_argument("--lr", type=float, help="LoRA learning rate (one rate; the fully trained parts keep their ratio to it)")
+    p.add_argument("--lrs", help="LoRA learning rates every cell runs at, e.g. 1e-3,3e-3,1e-2; each cell is reported at its "
+                   "best rate on the validation split (the fully trained parts' rates scale alike)")
+    p.add_argument("--lr-connector", type=float, help="learning rate of the connector when trained fully, at --lr (default: 0.3 x --lr)")
+    p.add_argument("--lr-vision", type=float, help="learning rate of the vision encoder when trained fully, at --lr (default: 0.1 x --lr)")
     p.add_argument("--lora-dropout", type=float, help="LoRA dropout")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass: same numbers, less memory")
     p.add_argument("--train-items", type=int, help="training items per suite (generated suites)")
     p.add_argument("--test-items", type=int, help="test items per suite (generated suites)")
+    p.add_argument("--val-items", type=int, help="validation items per suite, carved from the training pool (generated suites)")
+    p.add_argument("--param-budget", type=int, help="LLM LoRA parameters per cell: each target set gets the rank that "
+                   "matches it (the LoRA paper's fixed-budget comparison); replaces --ranks")
+    p.add_argument("--equivalence-margin", type=float, help="differences within +-this (score units) count as equivalent "
+                   "when a 90%% interval shows it (TOST; default 0.01)")
     p.add_argument("--data", help="a real dataset (file or folder: TextVQA/DocVQA/ChartQA JSON, or parquet shards) instead of the suite's generator")
     p.add_argument("--limit", type=int, help="at most N items per split (train and test)")
     p.add_argument("--out", help="results folder (default: results/runs/<preset>, git-ignored)")

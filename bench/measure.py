@@ -10,6 +10,7 @@ cost on the training loop was within noise: results/perf.md).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -83,11 +84,23 @@ class PeakMemory:
 
 
 class Stopwatch:
-    """Wall time that waits for queued GPU work before reading the clock."""
+    """Wall time that waits for queued GPU work before reading the clock; :meth:`paused` blocks (the
+    validation checkpoints inside a training loop) are left out."""
 
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
         self.seconds = 0.0
+        self._excluded = 0.0
+
+    @contextlib.contextmanager
+    def paused(self):
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self._excluded += time.perf_counter() - start
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -100,7 +113,7 @@ class Stopwatch:
 
     def __exit__(self, *exc) -> None:
         self._sync()
-        self.seconds = time.perf_counter() - self._t0
+        self.seconds = time.perf_counter() - self._t0 - self._excluded
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -24,13 +24,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from bench import adapters, machine, report
 from bench import suites as suite_registry
 from bench.errors import BenchError
-from bench.evaluate import evaluate
+from bench.evaluate import evaluate, generation_budget
 from bench.models import get_adapter
 from bench.space import Cell, TrainSettings
 from bench.spec import Spec
 from bench.store import Store, digest
 from bench.suite_data import content_digest, describe, read_split
-from bench.train import Diverged, attach, detach, resolve, train
+from bench.train import Diverged, attach, detach, ranks_for_budget, resolve, train
 from bench.vision_cache import VisionCache, encoder_is_frozen
 
 
@@ -55,12 +55,24 @@ def check_out_folder(out: Path) -> None:
         raise BenchError(f"output folder {out} is not writable ({probe} denies writing); pass --out with a folder you can write to")
 
 
+CURVE = (0.5, 0.75)  # fractions of training after which validation is scored (the curve and the plateau check)
+PLATEAU = 0.01  # a run whose last quarter gained less than this on validation has plateaued
+
+
+def checkpoint_steps(steps: int, fractions=CURVE) -> list[int]:
+    return sorted({round(steps * f) for f in fractions if 0 < round(steps * f) < steps})
+
+
 @dataclass
 class SuiteRun:
     suite: suite_registry.Suite
     data_dir: Path
-    identity: dict
+    identity: dict  # everything about the suite's data and the model that decides a run's numbers
     source: str = ""
+
+    @property
+    def max_gen_toks(self) -> int:
+        return self.identity["max_gen_toks"]
 
     def base_key(self) -> str:
         return f"base-{digest(self.identity)}"
@@ -105,6 +117,8 @@ class Session:
             torch.set_flush_denormal(True)  # denormals stalled CPU steps for seconds in measurements
         self.adapter = get_adapter(spec.model, spec.trust_remote_code)
         self.adapter.load(spec.device)
+        if spec.param_budget is not None:
+            self.spec = spec = with_budget_ranks(spec, self.adapter)
         self.resolutions = {cell: resolve(self.adapter.model, self.adapter.roles, cell) for cell in spec.cells}
         _print_plan(console, spec, self.adapter, self.resolutions)
 
@@ -125,20 +139,24 @@ class Session:
             suite = suite_registry.get(name)
             progress.update(prep, info=name)
             data_dir = suite.prepare(self.spec.train.train_items, self.spec.train.test_items, self.spec.data,
-                                     self.spec.limit, progress.console)
+                                     self.spec.limit, progress.console, val_items=self.spec.train.val_items)
             identity = {"suite": suite.name, "data": content_digest(data_dir), "model": self.adapter.fingerprint(),
-                        "device": self.accelerator.device.type, "precision": self.mixed}
+                        "device": self.accelerator.device.type, "precision": self.mixed,
+                        "max_gen_toks": generation_budget(self.adapter, suite, data_dir)}
             self.suite_runs[name] = SuiteRun(suite, data_dir, identity, describe(data_dir))
             progress.advance(prep)
         progress.remove_task(prep)
 
-    def runs(self) -> list[tuple[SuiteRun, Cell, int]]:
-        """Every run of the matrix, in a stable order."""
-        return [(sr, cell, seed) for sr in self.suite_runs.values() for cell in self.spec.cells for seed in self.spec.seeds]
+    def runs(self) -> list[tuple[SuiteRun, Cell, TrainSettings, int]]:
+        """Every run of the matrix (suite x cell x learning rate x seed), in a stable order."""
+        return [(sr, cell, train, seed) for sr in self.suite_runs.values() for cell in self.spec.cells
+                for train in self.spec.settings for seed in self.spec.seeds]
 
     def keys(self) -> dict[str, set[str]]:
-        return {sr.suite.name: {sr.base_key()} | {sr.key(self.spec, c, s) for c in self.spec.cells for s in self.spec.seeds}
-                for sr in self.suite_runs.values()}
+        keys = {sr.suite.name: {sr.base_key()} for sr in self.suite_runs.values()}
+        for sr, cell, train, seed in self.runs():
+            keys[sr.suite.name].add(sr.key(self.spec, cell, seed, train))
+        return keys
 
     def base(self, sr: SuiteRun, progress: Progress) -> dict:
         record = self.store.get(sr.suite.name, sr.base_key())
@@ -149,9 +167,10 @@ class Session:
         return record
 
     def run(self, sr: SuiteRun, cell: Cell, seed: int, progress: Progress, train: TrainSettings | None = None,
-            on_step=None) -> dict:
-        """``train`` overrides the matrix's settings (search trials); ``on_step(step, loss, model)`` may
-        raise ``optuna.TrialPruned`` to stop the run early (recorded as ``pruned``)."""
+            on_val=None, fractions=CURVE) -> dict:
+        """``train`` overrides the matrix's reference settings (a grid rate, a search trial);
+        ``on_val(step, score)`` sees each validation checkpoint and may raise ``optuna.TrialPruned`` to
+        stop the run early (recorded as ``pruned``)."""
         self.executed = False
         record = self.store.get(sr.suite.name, sr.key(self.spec, cell, seed, train))
         if record is not None and self.store.is_done(sr.suite.name, record["key"]):
@@ -164,7 +183,8 @@ class Session:
         if cell not in self.resolutions:
             self.resolutions[cell] = resolve(self.adapter.model, self.adapter.roles, cell)
         record = _one_run(self.spec, self.adapter, sr, cell, seed, self.resolutions[cell], self._examples[1],
-                          self.accelerator, progress, self.context, on_step, train or self.spec.train, self.vision_cache)
+                          self.accelerator, progress, self.context, on_val, train or self.spec.train, self.vision_cache,
+                          fractions)
         self.store.put(record)
         if record["status"] != "ok":
             progress.console.print(f"[yellow]{cell.name} seed {seed}: {record['status']}: {record['error']}[/yellow]")
@@ -192,15 +212,32 @@ def run(spec: Spec, console: Console | None = None) -> Path:
         session.store.check_writable()
         session.store.clean_temporaries()
         worker = study.work(session, progress)
-    report.write_all(session.records(worker.keys()), spec, console, worker.study)
+    report.write_all(session.records(worker.keys()), session.spec, console, worker.study)
     return spec.out
 
 
+def with_budget_ranks(spec: Spec, adapter) -> Spec:
+    """``--param-budget``: each target set at the rank whose LLM LoRA parameter count is nearest the budget."""
+    import dataclasses
+
+    from bench.space import alpha_for
+
+    ranks = ranks_for_budget(adapter.model, adapter.roles, sorted({c.targets for c in spec.cells}), spec.param_budget)
+    cells = tuple(dict.fromkeys(Cell(c.targets, ranks[c.targets], alpha_for(ranks[c.targets], spec.alpha_rule), c.vision)
+                                for c in spec.cells))
+    return dataclasses.replace(spec, cells=cells)
+
+
 def _print_plan(console, spec: Spec, adapter, resolutions) -> None:
+    rates = ", ".join(f"{t.lr:g}" for t in spec.settings)
     console.print(
-        f"[bold]{spec.n_runs} runs[/bold] = {len(spec.suites)} suite(s) x {len(spec.cells)} cells x {len(spec.seeds)} seed(s); "
-        f"model {adapter.display_name()}; {spec.train.steps} steps x batch {spec.train.batch_size} per run; device {spec.device}"
+        f"[bold]{spec.n_runs} runs[/bold] = {len(spec.suites)} suite(s) x {len(spec.cells)} cells x {len(spec.settings)} "
+        f"learning rate(s) ({rates}) x {len(spec.seeds)} seed(s); model {adapter.display_name()}; "
+        f"{spec.train.steps} steps x batch {spec.train.batch_size} per run; device {spec.device}"
     )
+    if spec.param_budget is not None:
+        ranks = ", ".join(f"{t} r{r}" for t, r in dict.fromkeys((c.targets, c.rank) for c in spec.cells))
+        console.print(f"[dim]  --param-budget {spec.param_budget:,}: {ranks}[/dim]")
     seen = set()
     for cell, res in resolutions.items():
         key = (cell.targets, cell.vision)
@@ -224,76 +261,94 @@ def _base_record(spec: Spec, sr: SuiteRun, context: dict, key: str, kind: str) -
 
 def _evaluate_base(spec, adapter, sr: SuiteRun, accelerator, progress, context) -> dict:
     record = _base_record(spec, sr, context, sr.base_key(), "base")
+    val = _evaluate(spec, adapter, adapter.model, sr, accelerator, progress, "base model (validation)", "val")
     result = _evaluate(spec, adapter, adapter.model, sr, accelerator, progress, "base model")
     total = sum(p.numel() for p in adapter.model.parameters())
     record.update(
-        status="ok", error=None, cell=None, seed=None, score=result.score, trainable_params=0, total_params=total,
-        eval_items_per_s=result.items_per_s, eval_s=result.seconds, items=result.items, finished_at=_now(),
+        status="ok", error=None, cell=None, seed=None, score=result.score, val_score=val.score, trainable_params=0,
+        total_params=total, eval_items_per_s=result.items_per_s, eval_s=result.seconds, items=result.items,
+        val_items=val.items, finished_at=_now(),
     )
     return record
 
 
-def _evaluate(spec, adapter, model, sr: SuiteRun, accelerator, progress, label: str):
+def _evaluate(spec, adapter, model, sr: SuiteRun, accelerator, progress, label: str, split: str = "test"):
     task = progress.add_task(f"  eval {label}", total=None, info="")
 
     def advance(n: int, total: int) -> None:
         progress.update(task, total=total, advance=n)
 
     try:
-        return evaluate(adapter, model, sr.suite, sr.data_dir, accelerator.device,
-                        batch_size=spec.eval_batch_size, progress=advance)
+        return evaluate(adapter, model, sr.suite, sr.data_dir, accelerator.device, batch_size=spec.eval_batch_size,
+                        progress=advance, split=split, max_gen_toks=sr.max_gen_toks)
     finally:
         progress.remove_task(task)
 
 
 def _one_run(spec: Spec, adapter, sr: SuiteRun, cell: Cell, seed: int, resolution, examples, accelerator, progress, context,
-             on_step=None, settings: TrainSettings | None = None, vision_cache: VisionCache | None = None) -> dict:
+             on_val=None, settings: TrainSettings | None = None, vision_cache: VisionCache | None = None,
+             fractions=CURVE) -> dict:
+    """Train one run, score validation at the curve's checkpoints and at the end, then score test.
+    Test is scored once, after training, and nothing downstream chooses on it."""
     import optuna
 
     settings = settings or spec.train
     from accelerate.utils import set_seed
 
     record = _base_record(spec, sr, context, sr.key(spec, cell, seed, settings), "cell")
-    record.update(cell=cell.to_dict(), seed=seed, train=settings.to_dict(),
+    record.update(cell=cell.to_dict(), seed=seed, train=settings.to_dict(), max_gen_toks=sr.max_gen_toks,
                   resolution={"lora_modules": len(resolution.lora), "lora_examples": resolution.lora[:4], "full": resolution.full})
     total = sum(p.numel() for p in adapter.model.parameters())
     set_seed(seed)
     wall = time.perf_counter()
     peft_model = attach(adapter.model, resolution, cell, settings.lora_dropout, seed)
-    steps_task = progress.add_task(f"  train {cell.name} s{seed}", total=settings.steps, info="")
+    label = f"{cell.name} lr {settings.lr:g} s{seed}"
+    steps_task = progress.add_task(f"  train {label}", total=settings.steps, info="")
+    curve: list[list] = []
     try:
         trained = [0]
 
         def step_done(step: int, loss: float) -> None:
             trained[0] = step
             progress.update(steps_task, completed=step, info=f"loss {loss:.3f}")
-            if on_step:
-                on_step(step, loss, peft_model)
+
+        def checkpoint(step: int, _model) -> None:
+            score = _evaluate(spec, adapter, peft_model, sr, accelerator, progress, f"{label} step {step} (validation)", "val").score
+            curve.append([step, score])
+            if on_val:
+                on_val(step, score)
 
         frozen = encoder_is_frozen(adapter.roles.vision, resolution.lora, resolution.full)
         result = train(adapter, peft_model, examples, settings, seed, accelerator, on_step=step_done,
-                       vision_cache=vision_cache if frozen else None)
+                       vision_cache=vision_cache if frozen else None, checkpoints=checkpoint_steps(settings.steps, fractions),
+                       on_checkpoint=checkpoint)
         progress.remove_task(steps_task)
-        evaluation = _evaluate(spec, adapter, peft_model, sr, accelerator, progress, cell.name)
+        val = _evaluate(spec, adapter, peft_model, sr, accelerator, progress, f"{label} (validation)", "val")
+        curve.append([settings.steps, val.score])
+        evaluation = _evaluate(spec, adapter, peft_model, sr, accelerator, progress, label)
+        late = [s for step, s in curve if step == round(settings.steps * CURVE[-1])]
         record.update(
-            status="ok", error=None, score=evaluation.score, trainable_params=result.trainable_params, total_params=total,
+            status="ok", error=None, score=evaluation.score, val_score=val.score, val_curve=curve,
+            plateaued=bool(val.score - late[0] < PLATEAU) if late else None,
+            trainable_params=result.trainable_params, total_params=total,
             peak_mem_mib=result.peak_mem_mib, peak_reserved_mib=result.peak_reserved_mib,
             peak_delta_mib=result.peak_delta_mib, memory_kind=result.memory_kind,
             train_samples_per_s=result.samples_per_s, train_tokens_per_s=result.tokens_per_s, train_s=result.train_s,
             eval_items_per_s=evaluation.items_per_s, eval_s=evaluation.seconds, losses=result.losses, steps_trained=settings.steps,
-            items=evaluation.items,
+            items=evaluation.items, val_items=val.items,
         )
         saved = adapters.keep(peft_model, record, spec.out, spec.save_adapters)
         if saved is not None:
             record["adapter"] = str(saved.relative_to(spec.out))
     except optuna.TrialPruned as exc:
-        record.update(status="pruned", error=str(exc) or "pruned", score=None, steps_trained=trained[0])
+        record.update(status="pruned", error=str(exc) or "pruned", score=None, val_score=None, val_curve=curve,
+                      steps_trained=trained[0])
     except Diverged as exc:
-        record.update(status="diverged", error=str(exc), score=None)
+        record.update(status="diverged", error=str(exc), score=None, val_score=None)
     except torch.cuda.OutOfMemoryError as exc:
-        record.update(status="oom", error=str(exc).splitlines()[0], score=None)
+        record.update(status="oom", error=str(exc).splitlines()[0], score=None, val_score=None)
     except Exception as exc:  # recorded, and the matrix goes on
-        record.update(status="failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0], score=None,
+        record.update(status="failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0], score=None, val_score=None,
                       traceback=traceback.format_exc())
     finally:
         with contextlib.suppress(Exception):

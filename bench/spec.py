@@ -26,7 +26,7 @@ class Spec:
     preset: str
     cells: tuple[Cell, ...]
     seeds: tuple[int, ...]
-    train: TrainSettings
+    train: TrainSettings  # at the reference LoRA rate; each grid rate is train.at(lr)
     out: Path
     device: torch.device
     alpha_rule: str
@@ -44,10 +44,18 @@ class Spec:
     eval_batch_size: int = 64
     trust_remote_code: bool = False  # run model code shipped inside a checkpoint (MiniCPM-V)
     save_adapters: str = "best"  # best (per suite), all, none: PEFT folders under <out>/adapters/
+    lrs: tuple[float, ...] = ()  # LoRA learning rates each cell runs at (empty: train.lr alone)
+    margin: float = 0.01  # equivalence margin: differences inside +-margin are "equivalent" (TOST)
+    param_budget: int | None = None  # LLM LoRA parameters per cell: each target set's rank is derived
+
+    @property
+    def settings(self) -> list[TrainSettings]:
+        """The training settings of each grid learning rate."""
+        return [self.train.at(lr) for lr in self.lrs] if self.lrs else [self.train]
 
     @property
     def n_runs(self) -> int:
-        return len(self.suites) * len(self.cells) * len(self.seeds)
+        return len(self.suites) * len(self.cells) * len(self.settings) * len(self.seeds)
 
 
 def _split(value: str | None, cast=str, what: str = "") -> list | None:
@@ -62,7 +70,8 @@ def _split(value: str | None, cast=str, what: str = "") -> list | None:
         raise BenchError(f"--{what} {value!r} has a value that is not a {cast.__name__}; e.g. --{what} {_EXAMPLES[what]}") from None
 
 
-_EXAMPLES = {"objectives": "score,memory", "suite": "docvqa", "targets": "qk,qv", "ranks": "4,16", "vision": "frozen,resampler", "seeds": "0,1,2"}
+_EXAMPLES = {"objectives": "score,memory", "suite": "docvqa", "targets": "qk,qv", "ranks": "4,16", "vision": "frozen,resampler",
+             "seeds": "0,1,2", "lrs": "1e-3,3e-3,1e-2"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -92,27 +101,49 @@ def from_args(args) -> Spec:
     ranks = _split(args.ranks, int, "ranks") or list(preset.ranks)
     vision = _split(args.vision, str, "vision") or list(preset.vision)
     seeds = _split(args.seeds, int, "seeds") or list(preset.seeds)
+    param_budget = getattr(args, "param_budget", None)
+    if param_budget is not None:
+        if args.ranks:
+            raise BenchError("--param-budget derives each target set's rank; drop --ranks (or drop --param-budget)")
+        if param_budget <= 0:
+            raise BenchError(f"--param-budget must be a positive number of LoRA parameters (got {param_budget})")
+        ranks = [1]  # placeholder: the session derives each target set's rank on the loaded model
     cells = build_cells(targets, ranks, vision, args.alpha)
     train = preset.train
+    for flag in ("lr", "lr_connector", "lr_vision"):
+        value = getattr(args, flag, None)
+        if value is not None and not value > 0:
+            raise BenchError(f"--{flag.replace('_', '-')} must be positive (got {value})")
+    if args.lr is not None:
+        train = train.at(args.lr)  # the fully trained parts keep the preset's ratio unless given
+    for flag in ("lr_connector", "lr_vision"):
+        if getattr(args, flag, None) is not None:
+            train = dataclasses.replace(train, **{flag: getattr(args, flag)})
+    lrs = _split(getattr(args, "lrs", None), float, "lrs") or ([args.lr] if args.lr is not None else list(preset.lrs))
+    for lr in lrs:
+        if not lr > 0:
+            raise BenchError(f"--lrs has a rate that is not positive ({lr:g}); e.g. --lrs {_EXAMPLES['lrs']}")
     overrides = {
         "steps": args.steps,
         "batch_size": args.batch_size,
-        "lr": args.lr,
         "lora_dropout": args.lora_dropout,
         "train_items": args.train_items,
         "test_items": args.test_items,
+        "val_items": getattr(args, "val_items", None),
         "gradient_checkpointing": True if getattr(args, "gradient_checkpointing", False) else None,
     }
     for key, value in overrides.items():
         if value is None:
             continue
-        if key in ("steps", "batch_size", "train_items", "test_items") and value <= 0:
+        if key in ("steps", "batch_size", "train_items", "test_items", "val_items") and value <= 0:
             raise BenchError(f"--{key.replace('_', '-')} must be positive (got {value})")
-        if key == "lr" and not value > 0:
-            raise BenchError(f"--lr must be positive (got {value})")
         if key == "lora_dropout" and not 0 <= value < 1:
             raise BenchError(f"--lora-dropout must be in [0, 1) (got {value})")
         train = dataclasses.replace(train, **{key: value})
+    margin = getattr(args, "equivalence_margin", None)
+    margin = 0.01 if margin is None else margin
+    if not 0 < margin < 1:
+        raise BenchError(f"--equivalence-margin must be in (0, 1), in score units (got {margin}); e.g. 0.01 for one point")
     data = Path(args.data).expanduser() if getattr(args, "data", None) else None
     if data is not None:
         if len(suite_names) != 1:
@@ -176,6 +207,9 @@ def from_args(args) -> Spec:
         step_budget=getattr(args, "step_budget", None),
         save_adapters=save_adapters,
         trust_remote_code=bool(getattr(args, "trust_remote_code", False)),
+        lrs=tuple(dict.fromkeys(lrs)),
+        margin=margin,
+        param_budget=param_budget,
     )
 
 

@@ -1,7 +1,7 @@
 """Optuna is how runs are distributed: one study per matrix, any number of workers on it.
 
-Every run of the matrix is a trial, enqueued with its cell as params and its run key as a user
-attribute. Workers (this process, the same command started again on the same ``--out``, or
+Every run of the matrix (cell x learning rate x seed) is a trial, enqueued with its cell and rate as
+params and its run key as a user attribute; the value told to Optuna is the validation score. Workers (this process, the same command started again on the same ``--out``, or
 ``--worker`` processes on other machines sharing ``--storage``) pull waiting trials with ``ask``,
 execute them through the same :meth:`bench.runner.Session.run` and ``tell`` the outcome. A trial
 whose worker died (its pid is gone on this host, or its heartbeat is older than the grace period) is
@@ -32,7 +32,7 @@ OBJECTIVES = {"score": "maximize", "memory": "minimize", "throughput": "maximize
 HEARTBEAT_S = float(os.environ.get("BENCH_HEARTBEAT_S", 15))
 GRACE_S = float(os.environ.get("BENCH_GRACE_S", 120))  # a remote worker silent this long is dead
 POLL_S = 2.0
-PRUNE_ITEMS = 128  # test items scored at each intermediate report (the final score uses all)
+SEARCH_CURVE = (0.25, 0.5, 0.75)  # validation checkpoints of a search trial: the pruner's reports
 HOST = socket.gethostname()
 
 
@@ -61,6 +61,7 @@ def study_name(session) -> str:
     identity = {
         "suites": [{k: v for k, v in sr.identity.items() if k not in ("device", "precision")} for sr in session.suite_runs.values()],
         "cells": [c.to_dict() for c in spec.cells], "seeds": list(spec.seeds), "train": spec.train.to_dict(),
+        "lrs": list(spec.lrs),
     }
     if spec.search:
         identity.update(objectives=list(spec.objectives), budget=spec.memory_budget_mib, sampler_seed=spec.sampler_seed,
@@ -122,7 +123,7 @@ class Worker:
         self.session, self.spec, self.progress = session, session.spec, progress
         self.storage = make_storage(self.spec)
         self.name = study_name(session)
-        self.runs = {sr.key(self.spec, cell, seed): (sr, cell, seed) for sr, cell, seed in session.runs()}
+        self.runs = {sr.key(self.spec, cell, seed, train): (sr, cell, seed, train) for sr, cell, train, seed in session.runs()}
         directions = [OBJECTIVES[o] for o in self.spec.objectives]
         if self.spec.worker:
             try:
@@ -166,13 +167,13 @@ class Worker:
                     if t.state == TrialState.FAIL and t.user_attrs.get("stale") and t.number not in retried:
                         self.study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
                 return
-            for key, (sr, cell, seed) in self.runs.items():
+            for key, (sr, cell, seed, train) in self.runs.items():
                 if key not in busy and (initial or key in stale):
                     # a run whose record exists completes at once when pulled, carrying its record
-                    self.study.enqueue_trial(self._params(cell), user_attrs={"run": key, "suite": sr.suite.name, "seed": seed})
+                    self.study.enqueue_trial(self._params(cell, train), user_attrs={"run": key, "suite": sr.suite.name, "seed": seed})
 
-    def _params(self, cell) -> dict:
-        return {"targets": cell.targets, "rank": cell.rank, "vision": cell.vision}
+    def _params(self, cell, train) -> dict:
+        return {"targets": cell.targets, "rank": cell.rank, "vision": cell.vision, "lr": train.lr}
 
     def _suggest(self, trial) -> tuple[str, int, str]:
         """The cell's factors as the trial's params (enqueued values in the matrix, the sampler's in a
@@ -212,15 +213,16 @@ class Worker:
         from optuna.trial import TrialState
 
         self._suggest(trial)
+        trial.suggest_categorical("lr", sorted(t.lr for t in self.spec.settings))
         key = trial.user_attrs["run"]
         other = self.duplicate_of(trial)
         if other is not None:
             trial.set_user_attr("duplicate_of", other)
             self.study.tell(trial, state=TrialState.FAIL)
             return
-        sr, cell, seed = self.runs[key]
-        self.progress.update(self.task, info=f"{sr.suite.name}: {cell.name} seed {seed}")
-        record = self._run_with_heartbeat(trial, lambda: self.session.run(sr, cell, seed, self.progress))
+        sr, cell, seed, train = self.runs[key]
+        self.progress.update(self.task, info=f"{sr.suite.name}: {cell.name} lr {train.lr:g} seed {seed}")
+        record = self._run_with_heartbeat(trial, lambda: self.session.run(sr, cell, seed, self.progress, train=train))
         self._tell(trial, record)
 
     def _tell(self, trial, record: dict) -> None:
@@ -235,8 +237,8 @@ class Worker:
             peak = record.get("peak_mem_mib")
             over = (peak - self.spec.memory_budget_mib) if peak is not None else (1.0 if record["status"] == "oom" else 0.0)
             trial.set_constraint("memory", over)
-        if record["status"] == "ok":
-            values = {"score": record["score"], "memory": record["peak_mem_mib"], "throughput": record["train_samples_per_s"]}
+        if record["status"] == "ok":  # the score Optuna sees is validation's: every choice looks at validation only
+            values = {"score": record["val_score"], "memory": record["peak_mem_mib"], "throughput": record["train_samples_per_s"]}
             self.study.tell(trial, [values[o] for o in self.spec.objectives])
         elif record["status"] == "pruned":
             self.study.tell(trial, state=TrialState.PRUNED)
@@ -262,7 +264,7 @@ class Worker:
         from optuna.trial import TrialState
 
         self.sync(initial=True)
-        recorded = sum(self.session.store.is_done(sr.suite.name, key) for key, (sr, _, _) in self.runs.items())
+        recorded = sum(self.session.store.is_done(sr.suite.name, key) for key, (sr, *_) in self.runs.items())
         if recorded:
             self.progress.console.print(f"[dim]{recorded} of {len(self.runs)} runs already recorded in {self.spec.out}; skipping them[/dim]")
         for sr in self.session.suite_runs.values():
@@ -319,26 +321,19 @@ class Worker:
         alpha_ratio = trial.suggest_float("alpha_ratio", 0.5, 4.0, log=True)
         dropout = trial.suggest_float("lora_dropout", 0.0, 0.2)
         cell = Cell(targets, rank, round(alpha_ratio * rank, 3), vision)
-        return cell, dataclasses.replace(spec.train, lr=lr, lora_dropout=dropout)
+        return cell, dataclasses.replace(spec.train.at(lr), lora_dropout=dropout)
 
     def _pruning_hook(self, trial, sr):
-        """Report a quick score on PRUNE_ITEMS test items every quarter of the run; stop when the pruner says so."""
+        """Report each validation checkpoint's score; stop the run when the pruner says so."""
         import optuna
-
-        from bench.evaluate import evaluate
 
         if len(self.spec.objectives) > 1 or self.spec.pruner == "none":
             return None
-        every = max(1, self.spec.train.steps // 4)
 
-        def hook(step: int, loss: float, model) -> None:
-            if step % every or step == self.spec.train.steps:
-                return
-            quick = evaluate(self.session.adapter, model, sr.suite, sr.data_dir, self.session.accelerator.device,
-                             limit=PRUNE_ITEMS, batch_size=self.spec.eval_batch_size)
-            trial.report(quick.score, step)
+        def hook(step: int, score: float) -> None:
+            trial.report(score, step)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at step {step} (quick {sr.suite.metric} {quick.score:.3f})")
+                raise optuna.TrialPruned(f"pruned at step {step} (validation {sr.suite.metric} {score:.3f})")
 
         return hook
 
@@ -349,7 +344,8 @@ class Worker:
         trial.set_user_attr("run", key)
         self.progress.update(self.task, info=f"trial {trial.number}: {cell.name} lr {train.lr:.1e}")
         record = self._run_with_heartbeat(trial, lambda: self.session.run(sr, cell, seed, self.progress, train=train,
-                                                                           on_step=self._pruning_hook(trial, sr)))
+                                                                           on_val=self._pruning_hook(trial, sr),
+                                                                           fractions=SEARCH_CURVE))
         self._tell(trial, record)
 
     def _counted(self) -> int:

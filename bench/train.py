@@ -69,6 +69,40 @@ def resolve(model: torch.nn.Module, roles: RoleMap, cell: Cell) -> Resolution:
     return Resolution(lora=names, full=full, target_regex=regex)
 
 
+def lora_params_per_rank(model: torch.nn.Module, roles: RoleMap, targets: str) -> int:
+    """LLM LoRA parameters per unit of rank for a target set: r * (in + out) summed over its modules."""
+    regex = roles.llm_pattern(TARGET_SETS[targets])
+    return sum(m.in_features + m.out_features for n, m in model.named_modules()
+               if re.fullmatch(regex, n) and isinstance(m, torch.nn.Linear))
+
+
+def ranks_for_budget(model: torch.nn.Module, roles: RoleMap, targets: list[str], budget: int) -> dict[str, int]:
+    """Each target set's rank whose LLM LoRA parameter count is nearest ``budget`` (at least 1): the
+    LoRA paper's comparison of target sets at a fixed number of trainable parameters."""
+    ranks = {}
+    for t in targets:
+        per_rank = lora_params_per_rank(model, roles, t)
+        if per_rank == 0:
+            raise BenchError(f"target set {t!r} matches no module of this model; check the role map or --targets")
+        ranks[t] = max(1, round(budget / per_rank))
+    return ranks
+
+
+def param_groups(model: torch.nn.Module, roles: RoleMap, settings: TrainSettings) -> list[dict]:
+    """AdamW groups with each part's learning rate: LoRA matrices, the connector and the vision
+    encoder trained fully (peft's ``modules_to_save`` copies, found by their module path)."""
+    connector = re.compile(rf"(?:^|\.){re.escape(roles.connector)}\.")
+    vision = re.compile(rf"(?:^|\.){re.escape(roles.vision)}\.")
+    groups: dict[str, list] = {"lora": [], "connector": [], "vision": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        part = "lora" if "lora_" in name else "connector" if connector.search(name) else "vision" if vision.search(name) else "lora"
+        groups[part].append(p)
+    rates = {"lora": settings.lr, "connector": settings.lr_connector, "vision": settings.lr_vision}
+    return [{"params": params, "lr": rates[part], "part": part} for part, params in groups.items() if params]
+
+
 def attach(model: torch.nn.Module, resolution: Resolution, cell: Cell, dropout: float, seed: int):
     torch.manual_seed(seed)  # LoRA A matrices are drawn here
     config = LoraConfig(
@@ -140,14 +174,16 @@ def batch_order(n_examples: int, steps: int, batch_size: int, seed: int) -> list
 
 
 def train(adapter, peft_model, examples: list[Example], settings: TrainSettings, seed: int,
-          accelerator, on_step=None, vision_cache=None) -> TrainResult:
-    """A plain loop: AdamW, linear warmup then cosine decay, grad clipping, NaN check each step.
-    ``vision_cache`` (a bench.vision_cache.VisionCache, only for cells that leave the vision encoder
-    frozen) serves the encoder's output for batches an earlier cell already ran."""
+          accelerator, on_step=None, vision_cache=None, checkpoints=(), on_checkpoint=None) -> TrainResult:
+    """A plain loop: AdamW (one learning rate per part: :func:`param_groups`), linear warmup then
+    cosine decay, grad clipping, NaN check each step. ``vision_cache`` (a bench.vision_cache.VisionCache,
+    only for cells that leave the vision encoder frozen) serves the encoder's output for batches an
+    earlier cell already ran. After each step in ``checkpoints``, ``on_checkpoint(step, model)`` runs
+    (validation scores; it may raise to stop the run) with the clock paused, so throughput is training's."""
     device = accelerator.device
     params = [p for p in peft_model.parameters() if p.requires_grad]
     trainable, total = count_parameters(peft_model)
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(peft_model, adapter.roles, settings), weight_decay=settings.weight_decay)
     warmup, steps = max(1, settings.warmup_steps), settings.steps
 
     def lr_lambda(step: int) -> float:
@@ -183,6 +219,13 @@ def train(adapter, peft_model, examples: list[Example], settings: TrainSettings,
                 losses.append(value)
                 if on_step:
                     on_step(step + 1, value)
+                if on_checkpoint and step + 1 in checkpoints:
+                    with clock.paused():
+                        model.eval()
+                        try:
+                            on_checkpoint(step + 1, model)
+                        finally:
+                            model.train()
     finally:
         accelerator.free_memory()
         for module in checkpointed:

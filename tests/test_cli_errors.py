@@ -19,6 +19,12 @@ CASES = {
     "unknown preset": (["--preset", "huge"], "unknown preset 'huge'"),
     "cuda without gpu": (["--device", "cuda"], "no CUDA GPU is available"),
     "negative steps": (["--steps", "-1"], "--steps must be positive"),
+    "rate not a number": (["--lrs", "1e-3,fast"], "--lrs '1e-3,fast' has a value that is not a float"),
+    "negative rate": (["--lrs", "1e-3,-1e-2"], "--lrs has a rate that is not positive"),
+    "zero connector rate": (["--lr-connector", "0"], "--lr-connector must be positive"),
+    "budget with ranks": (["--param-budget", "1000", "--ranks", "4"], "--param-budget derives each target set's rank"),
+    "zero budget": (["--param-budget", "0"], "--param-budget must be a positive number"),
+    "margin out of range": (["--equivalence-margin", "2"], "--equivalence-margin must be in (0, 1)"),
 }
 
 

@@ -42,6 +42,15 @@ def test_presets_cover_the_space():
     default = PRESETS["default"]
     assert set(default.targets) == set(TARGET_SETS)
     assert set(default.vision) == set(VISION_POLICIES)
-    assert len(default.seeds) == 1
+    assert len(default.seeds) >= 3 and len(default.lrs) >= 3  # the sound protocol: seed noise and a rate per cell
     smoke = PRESETS["smoke"]
     assert len(build_cells(smoke.targets, smoke.ranks, smoke.vision)) <= 6
+
+
+def test_a_grid_rate_keeps_the_parts_ratio():
+    from bench.space import TrainSettings
+
+    base = TrainSettings(steps=10, batch_size=4, lr=1e-3, lr_connector=1e-4, lr_vision=5e-5)
+    high = base.at(1e-2)
+    assert (high.lr, high.lr_connector, high.lr_vision) == pytest.approx((1e-2, 1e-3, 5e-4))
+    assert high.to_dict()["lr_vision"] == pytest.approx(5e-4)

@@ -10,7 +10,7 @@ from bench.space import Cell, TrainSettings
 from bench.train import attach, batch_order, detach, resolve, train
 from suites.shapes.generate import generate
 
-SETTINGS = TrainSettings(steps=4, batch_size=4, lr=5e-3, warmup_steps=1)
+SETTINGS = TrainSettings(steps=4, batch_size=4, lr=5e-3, lr_connector=5e-3, lr_vision=5e-3, warmup_steps=1)
 
 
 def fingerprint(model) -> str:
@@ -101,7 +101,7 @@ def test_seed_changes_lora_init_and_data_order(tiny, examples):
 def test_nan_loss_stops_the_run_as_diverged(tiny, examples):
     from bench.train import Diverged
 
-    bad = TrainSettings(steps=3, batch_size=4, lr=float("inf"), warmup_steps=1)
+    bad = TrainSettings(steps=3, batch_size=4, lr=float("inf"), lr_connector=float("inf"), lr_vision=float("inf"), warmup_steps=1)
     cell = Cell("qv", 4, 8, "frozen")
     res = resolve(tiny.model, tiny.roles, cell)
     before = fingerprint(tiny.model)
@@ -122,7 +122,7 @@ def test_gradient_checkpointing_gives_the_same_losses(tiny, examples):
     res = resolve(tiny.model, tiny.roles, cell)
     losses = {}
     for checkpointing in (False, True):
-        settings = TrainSettings(steps=4, batch_size=8, lr=1e-3, warmup_steps=1, lora_dropout=0.0,
+        settings = TrainSettings(steps=4, batch_size=8, lr=1e-3, lr_connector=1e-3, lr_vision=1e-3, warmup_steps=1, lora_dropout=0.0,
                                  gradient_checkpointing=checkpointing)
         peft_model = attach(tiny.model, res, cell, 0.0, 0)
         try:
@@ -131,7 +131,7 @@ def test_gradient_checkpointing_gives_the_same_losses(tiny, examples):
             tiny.model = detach(peft_model)
     assert losses[True] == pytest.approx(losses[False], rel=1e-5, abs=1e-6)
     assert not any(getattr(m, "gradient_checkpointing", False) for m in tiny.model.modules() if isinstance(m, PreTrainedModel))
-    assert "gradient_checkpointing" not in TrainSettings(steps=1, batch_size=1, lr=1.0).to_dict()
+    assert "gradient_checkpointing" not in TrainSettings(steps=1, batch_size=1, lr=1.0, lr_connector=1.0, lr_vision=1.0).to_dict()
 
 
 def test_frozen_vision_encoder_is_served_from_the_cache_with_identical_numbers(tiny, examples):
@@ -182,3 +182,72 @@ def test_encoder_is_frozen_follows_the_policy(tiny):
               for v in ("frozen", "resampler", "resampler+vpm", "vpm-lora")}
     assert frozen == {"frozen": True, "resampler": True, "resampler+vpm": False, "vpm-lora": False}
     assert not encoder_is_frozen("model.visual", [], ["model.visual.merger"])  # Qwen: the merger sits inside
+
+
+def test_each_part_trains_at_its_own_rate(tiny):
+    """LoRA matrices, the connector and the vision encoder get their own AdamW groups and rates."""
+    from bench.train import param_groups
+
+    settings = TrainSettings(steps=1, batch_size=1, lr=1e-2, lr_connector=1e-3, lr_vision=1e-4)
+    for vision, parts in (("frozen", {"lora"}), ("resampler", {"lora", "connector"}),
+                          ("resampler+vpm", {"lora", "connector", "vision"}), ("vpm-lora", {"lora", "connector"})):
+        cell = Cell("qv", 4, 8, vision)
+        peft_model = attach(tiny.model, resolve(tiny.model, tiny.roles, cell), cell, 0.0, 0)
+        try:
+            groups = {g["part"]: g for g in param_groups(peft_model, tiny.roles, settings)}
+            assert set(groups) == parts, vision
+            rates = {"lora": 1e-2, "connector": 1e-3, "vision": 1e-4}
+            assert all(g["lr"] == rates[p] for p, g in groups.items())
+            names = {id(p): n for n, p in peft_model.named_parameters()}
+            assert all("lora_" in names[id(p)] for p in groups["lora"]["params"])  # vpm-lora's vision LoRA too
+            if "connector" in groups:
+                assert all(".resampler." in names[id(p)] for p in groups["connector"]["params"])
+            if "vision" in groups:
+                assert all(".vpm." in names[id(p)] and "lora_" not in names[id(p)] for p in groups["vision"]["params"])
+            trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+            assert sum(p.numel() for g in groups.values() for p in g["params"]) == trainable
+        finally:
+            tiny.model = detach(peft_model)
+
+
+def test_checkpoints_run_with_the_clock_paused(tiny, examples, monkeypatch):
+    import time
+
+    from bench import measure
+
+    skipped = [0.0]  # each checkpoint moves the clock an hour forward
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: time.monotonic() + skipped[0])
+
+    def checkpoint(step, model):
+        seen.append((step, model.training))
+        skipped[0] += 3600.0
+
+    seen = []
+    cell = Cell("qv", 4, 8, "frozen")
+    peft_model = attach(tiny.model, resolve(tiny.model, tiny.roles, cell), cell, 0.0, 0)
+    try:
+        result = train(tiny, peft_model, examples, SETTINGS, 0, Accelerator(cpu=True), checkpoints=(2, 3),
+                       on_checkpoint=checkpoint)
+    finally:
+        tiny.model = detach(peft_model)
+    assert seen == [(2, False), (3, False)]  # evaluated in eval mode, after those steps
+    assert 0 < result.train_s < 3600  # the checkpoints' two hours are not training time
+
+
+def test_parameter_budget_gives_each_target_set_its_rank(tiny):
+    from bench.train import lora_params_per_rank, ranks_for_budget
+
+    per_rank = {t: lora_params_per_rank(tiny.model, tiny.roles, t) for t in ("qk", "qv", "qkvo", "all")}
+    assert per_rank["qk"] < per_rank["qkvo"] < per_rank["all"]
+    budget = 8 * per_rank["qkvo"]
+    ranks = ranks_for_budget(tiny.model, tiny.roles, list(per_rank), budget)
+    assert ranks["qkvo"] == 8 and ranks["qk"] > 8 > ranks["all"] >= 1
+    for t, r in ranks.items():  # each within half a rank step of the budget
+        assert abs(r * per_rank[t] - budget) <= per_rank[t] / 2 + 1e-9
+    cell = Cell("qk", ranks["qk"], 2 * ranks["qk"], "frozen")
+    peft_model = attach(tiny.model, resolve(tiny.model, tiny.roles, cell), cell, 0.0, 0)
+    try:
+        lora = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
+    finally:
+        tiny.model = detach(peft_model)
+    assert lora == ranks["qk"] * per_rank["qk"]

@@ -59,7 +59,7 @@ def training_overhead(adapter, examples, reps: int, steps: int = 30) -> dict:
     from bench.train import attach, batch_order, detach, resolve
 
     cell = Cell("all", 8, 16.0, "resampler+vpm")
-    settings = TrainSettings(steps=steps, batch_size=32, lr=1e-3, warmup_steps=3, lora_dropout=0.0)
+    settings = TrainSettings(steps=steps, batch_size=32, lr=1e-3, lr_connector=1e-3, lr_vision=1e-3, warmup_steps=3, lora_dropout=0.0)
     res = resolve(adapter.model, adapter.roles, cell)
     curves = {}
 
@@ -116,7 +116,7 @@ def vision_cache_effect(adapter, examples, reps: int, steps: int = 30) -> dict:
     from bench.vision_cache import VisionCache
 
     cell = Cell("qv", 8, 16.0, "resampler")
-    settings = TrainSettings(steps=steps, batch_size=32, lr=1e-3, warmup_steps=3)
+    settings = TrainSettings(steps=steps, batch_size=32, lr=1e-3, lr_connector=1e-3, lr_vision=1e-3, warmup_steps=3)
     cache, curves = VisionCache(), {}
 
     def run(use) -> float:
@@ -134,11 +134,12 @@ def vision_cache_effect(adapter, examples, reps: int, steps: int = 30) -> dict:
 def evaluation(adapter, suite, data_dir, reps: int, n: int = 128) -> dict:
     from PIL import Image
 
-    from bench.evaluate import evaluate
+    from bench.evaluate import evaluate, generation_budget
     from bench.suite_data import read_split
 
     # the whole test split, decoded and encoded once: the harness keeps them across evaluations too
     rows = read_split(data_dir, "test")
+    budget = generation_budget(adapter, suite, data_dir)
     prompts = [adapter.encode_prompt(suite.prompt(r.question)) for r in rows]
     arrays = [adapter.image_array(Image.open(r.image).convert("RGB")) for r in rows]
     model, device = adapter.model, torch.device("cpu")
@@ -154,7 +155,7 @@ def evaluation(adapter, suite, data_dir, reps: int, n: int = 128) -> dict:
                 idx = order[s:s + batch_size]
                 batch = adapter.prompt_batch([prompts[i] for i in idx], [arrays[i] for i in idx], device)
                 with torch.no_grad():
-                    texts = adapter.decode(adapter.generate_ids(model, batch, suite.max_new_tokens))
+                    texts = adapter.decode(adapter.generate_ids(model, batch, budget))
                 preds += list(zip(idx, texts))
             out[batch_size] = [t for _, t in sorted(preds)]
             return time.perf_counter() - start
@@ -166,7 +167,7 @@ def evaluation(adapter, suite, data_dir, reps: int, n: int = 128) -> dict:
 
     def through_lm_eval() -> float:
         start = time.perf_counter()
-        evaluate(adapter, model, suite, data_dir, device, batch_size=64)
+        evaluate(adapter, model, suite, data_dir, device, batch_size=64, max_gen_toks=budget)
         return time.perf_counter() - start
 
     def through_lm_eval_before() -> float:
