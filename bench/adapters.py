@@ -1,7 +1,7 @@
 """Trained adapters on disk: one PEFT folder per kept run, loadable with ``PeftModel.from_pretrained``.
 
-``--save-adapters best`` (default) keeps, per suite, the folder of the best-scoring run so far (a new
-best replaces the old one as soon as it is evaluated, so a long matrix never holds more than one
+``--save-adapters best`` (default) keeps, per suite, the folder of the run with the best validation
+score so far (never chosen on test; a new best replaces the old one as soon as it is evaluated, so a long matrix never holds more than one
 extra copy of a fully trained vision encoder); ``all`` keeps every run's; ``none`` saves nothing.
 Each folder is written under a temporary name and renamed into place, and carries ``run.json``
 (the run's key, cell, seed and score) next to peft's ``adapter_config.json`` and weights.
@@ -25,7 +25,7 @@ def _saved(root: Path) -> list[tuple[float, Path]]:
     runs = []
     for meta in root.glob("*/run.json"):
         try:
-            runs.append((float(json.loads(meta.read_text())["score"]), meta.parent))
+            runs.append((float(json.loads(meta.read_text())["val_score"]), meta.parent))
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return runs
@@ -33,17 +33,17 @@ def _saved(root: Path) -> list[tuple[float, Path]]:
 
 def keep(peft_model, record: dict, out: Path, mode: str) -> Path | None:
     """Save ``peft_model`` for a finished run if ``mode`` asks for it; returns the folder or None."""
-    if mode == "none" or record.get("status") != "ok" or record.get("score") is None:
+    if mode == "none" or record.get("status") != "ok" or record.get("val_score") is None:
         return None
     root = folder(out, record["suite"])
     previous = _saved(root)
-    if mode == "best" and previous and max(score for score, _ in previous) >= record["score"]:
+    if mode == "best" and previous and max(score for score, _ in previous) >= record["val_score"]:
         return None
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{record['key']}-", dir=root))
     try:
         peft_model.save_pretrained(tmp)
-        meta = {k: record.get(k) for k in ("key", "suite", "model", "cell", "seed", "train", "score", "metric")}
+        meta = {k: record.get(k) for k in ("key", "suite", "model", "cell", "seed", "train", "val_score", "score", "metric")}
         (tmp / "run.json").write_text(json.dumps(meta, indent=1) + "\n")
         target = root / record["key"]
         if target.exists():

@@ -1,16 +1,17 @@
 """What to tune for the user's own data: target set, rank and vision policy, with the reasons.
 
-The evidence is the benchmark itself. Each benchmarked suite contributes two things: how far its
-images are from the model's pretraining (MMD^2 in the model's vision features, bench.similarity) and
-how much each vision policy gained over ``frozen`` there (paired on the same target set, rank and
-seed, averaged). Gain is interpolated along that distance (piecewise linear, with the pretraining
+The evidence is the benchmark itself, read with the protocol of bench.verdict: each cell at its
+best learning rate on validation, every choice on validation, test only reported. Each benchmarked
+suite contributes two things: how far its images are from the model's pretraining (MMD^2 in the
+model's vision features, bench.similarity) and how much each vision policy gained over ``frozen``
+there on validation (paired on target set, rank and alpha, averaged). Gain is interpolated along that distance (piecewise linear, with the pretraining
 distribution itself as the anchor "distance 0, gain 0" and flat beyond the farthest suite); a policy
 that costs more memory must gain at least ``MIN_GAIN`` over every cheaper one to be chosen, so the
 calibrated threshold of a policy is the distance from which it pays for its measured cost. Within the
 chosen policy, the configuration is the one closest to each suite's best at the user's distance
 (weights of the same interpolation), subject to ``--memory-budget`` and ``--min-throughput``.
-Leave-one-suite-out accuracy (hide a suite, decide its policy from the others, compare with its best
-policies within noise) says how much to trust the rule.
+Leave-one-suite-out accuracy (hide a suite, decide its policy from the others, compare with the
+policies in its confidence set of the best) says how much to trust the rule.
 
     python run_bench.py --recommend --data ~/my-images --memory-budget 16GiB --results results
 """
@@ -32,52 +33,50 @@ from bench.similarity import Comparison
 
 MIN_GAIN = 0.01  # one point: a smaller gain does not pay for more memory or less throughput
 POLICY_ORDER = ("frozen", "resampler", "vpm-lora", "resampler+vpm")
-CONFIG = ["targets", "rank", "alpha", "vision", "lr", "lora_dropout"]
+CONFIG = ["targets", "rank", "alpha", "vision"]  # a cell; its learning rate is each suite's own choice
+RATES = ["lr", "lr_connector", "lr_vision", "lora_dropout"]
 
 
 @dataclass
 class Evidence:
-    """One benchmarked suite: its configurations, the gains of each policy, and its distance."""
+    """One benchmarked suite: its cells (each at its chosen rate), the gains of each policy, its distance."""
 
     suite: str
     data: str
     metric: str
-    base: float | None
-    configs: pd.DataFrame  # one row per configuration: CONFIG + score, seeds, peak_mem_mib, train_samples_per_s
-    items: dict[tuple, pd.Series]  # configuration -> per-item score averaged over seeds
-    gains: dict[str, float] = field(default_factory=dict)  # policy -> mean paired gain over frozen
-    acceptable: set[str] = field(default_factory=set)  # policies whose best configuration is within noise of the best
+    base: float | None  # test score of the untuned model
+    configs: pd.DataFrame  # one row per cell: CONFIG + RATES + val, score (test), seeds, peak_mem_mib, train_samples_per_s
+    gains: dict[str, float] = field(default_factory=dict)  # policy -> mean paired validation gain over frozen
+    acceptable: set[str] = field(default_factory=set)  # policies with a cell in the confidence set of the best (validation)
     distance: Comparison | None = None  # from the pretraining reference
 
     @property
     def best(self) -> pd.Series:
-        return self.configs.sort_values("score", ascending=False).iloc[0]
+        """The validation-chosen best cell."""
+        return self.configs.sort_values("val", ascending=False, kind="stable").iloc[0]
 
 
 # ------------------------------------------------------------------------------------------ records
 
 
 def find_records(folders: list[Path]) -> list[dict]:
-    """Every record under ``<folder>/**/records/<suite>/*.json``, each run once (folders may overlap)."""
+    """Every record under ``<folder>/**/records/<suite>/``, each run once (folders may overlap)."""
+    from bench.store import read_record, record_files
+
     seen, records = set(), []
     for folder in folders:
         if not folder.exists():
             raise BenchError(f"--results {folder} does not exist; pass a folder written by run_bench.py")
-        for path in sorted(folder.rglob("records/*/*.json")):
-            try:
-                record = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
-                continue
-            ident = (record.get("suite"), record.get("key"), record.get("data"))
-            if ident not in seen and "kind" in record:
-                seen.add(ident)
-                records.append(record)
+        for records_dir in sorted(p for p in folder.rglob("records") if p.is_dir()):
+            for path in record_files(records_dir):
+                record = read_record(path)
+                if record is None or "kind" not in record:
+                    continue
+                ident = (record.get("suite"), record.get("key"), record.get("data"))
+                if ident not in seen:
+                    seen.add(ident)
+                    records.append(record)
     return records
-
-
-def _config(record: dict) -> tuple:
-    c, t = record["cell"], record["train"]
-    return (c["targets"], c["rank"], float(c["alpha"]), c["vision"], float(t["lr"]), float(t["lora_dropout"]))
 
 
 def build_evidence(records: list[dict], model: str) -> tuple[list[Evidence], list[str]]:
@@ -89,9 +88,13 @@ def build_evidence(records: list[dict], model: str) -> tuple[list[Evidence], lis
                          f"pass --model {models[0]} or --results folders measured on {model}")
     if len(models) > 1:
         notes.append(f"ignored records of other models: {', '.join(m for m in models if m != model)}")
+    old = [r for r in records if r["model"] == model and r.get("kind") == "cell" and r.get("status") == "ok" and "val_score" not in r]
+    if old:
+        notes.append(f"ignored {len(old)} records made before the validation split existed (nothing could be chosen on them); "
+                     "rerun those benchmarks")
     units: dict[tuple, list[dict]] = {}
     for r in records:
-        if r["model"] == model and r.get("status") == "ok":
+        if r["model"] == model and r.get("status") == "ok" and "val_score" in r:
             units.setdefault((r["suite"], r["data"]), []).append(r)
     evidence = []
     for suite in sorted({s for s, _ in units}):
@@ -116,53 +119,34 @@ def build_evidence(records: list[dict], model: str) -> tuple[list[Evidence], lis
 
 
 def _evidence(suite: str, data: str, cells: list[dict], base: float | None) -> Evidence:
-    rows, items = [], {}
-    by_config: dict[tuple, list[dict]] = {}
-    for r in cells:
-        by_config.setdefault(_config(r), []).append(r)
-    for config, runs in by_config.items():
-        rows.append({**dict(zip(CONFIG, config)), "score": float(np.mean([r["score"] for r in runs])),
-                     "seeds": tuple(sorted(r["seed"] for r in runs)), "scores": {r["seed"]: r["score"] for r in runs},
-                     "peak_mem_mib": max(r["peak_mem_mib"] or 0 for r in runs),
-                     "train_samples_per_s": float(np.mean([r["train_samples_per_s"] or 0 for r in runs]))})
-        if all(r.get("items") for r in runs):
-            series = [pd.Series({i["id"]: float(i["score"]) for i in r["items"]}) for r in runs]
-            items[config] = pd.concat(series, axis=1).mean(axis=1)
-    ev = Evidence(suite, data, cells[0]["metric"], base, pd.DataFrame(rows), items)
+    from bench.verdict import judge
+
+    v = judge(cells, n_boot=1000)[suite]
+    rows = []
+    for c in v.cells:
+        _, targets, rank, alpha, vision = c.key
+        rows.append({"targets": targets, "rank": rank, "alpha": alpha, "vision": vision,
+                     **dict(zip(RATES, c.setting)), "val": c.val, "score": c.test, "seeds": c.seeds,
+                     "peak_mem_mib": c.mean("peak_mem_mib"), "train_samples_per_s": c.mean("train_samples_per_s")})
+    ev = Evidence(suite, data, cells[0]["metric"], base, pd.DataFrame(rows))
     ev.gains = _gains(ev.configs)
-    ev.acceptable = _acceptable(ev)
+    ev.acceptable = {c.key[4] for c in v.cells if c.key in v.best_set}
     return ev
 
 
 def _gains(configs: pd.DataFrame) -> dict[str, float]:
-    """Per policy: mean over (configuration, seed) pairs of score(policy) - score(frozen), paired."""
-    frozen = {tuple(row[c] for c in CONFIG if c != "vision"): row.scores for _, row in configs[configs.vision == "frozen"].iterrows()}
+    """Per policy: mean over cells matched on target set, rank and alpha of val(policy) - val(frozen)."""
+    match = [c for c in CONFIG if c != "vision"]
+    frozen = {tuple(row[c] for c in match): row.val for _, row in configs[configs.vision == "frozen"].iterrows()}
     diffs: dict[str, list[float]] = {}
     for _, row in configs[configs.vision != "frozen"].iterrows():
-        partner = frozen.get(tuple(row[c] for c in CONFIG if c != "vision"))
-        if partner:
-            diffs.setdefault(row.vision, []).extend(row.scores[s] - partner[s] for s in row.scores if s in partner)
+        partner = frozen.get(tuple(row[c] for c in match))
+        if partner is not None:
+            diffs.setdefault(row.vision, []).append(row.val - partner)
     gains = {policy: float(np.mean(d)) for policy, d in diffs.items() if d}
     if frozen:
         gains["frozen"] = 0.0
     return gains
-
-
-def _acceptable(ev: Evidence) -> set[str]:
-    """Policies whose best configuration is within noise (paired test, p >= 0.05) of the suite's best."""
-    from bench.stats import ALPHA, paired_comparison
-
-    best = ev.best
-    best_key = tuple(best[c] for c in CONFIG)
-    ok = {best.vision}
-    for policy, group in ev.configs.groupby("vision"):
-        top = group.sort_values("score", ascending=False).iloc[0]
-        key = tuple(top[c] for c in CONFIG)
-        if policy in ok or key not in ev.items or best_key not in ev.items:
-            continue
-        if paired_comparison(ev.items[best_key], ev.items[key])["p_value"] >= ALPHA:
-            ok.add(policy)
-    return ok
 
 
 # -------------------------------------------------------------------------------------- calibration
@@ -242,7 +226,9 @@ def calibrate(evidence: list[Evidence]) -> Calibration:
 
 
 def leave_one_out(evidence: list[Evidence]) -> pd.DataFrame:
-    """Hide each suite, decide its policy from the others, check it against its best policies within noise."""
+    """Hide each suite, decide its policy from the others, check it against the policies in its confidence set
+    of the best (validation); regret is on test: the validation-best cell's test score minus that of the
+    decided policy's validation-best cell."""
     rows = []
     located = [ev for ev in evidence if ev.distance is not None and ev.gains]
     for hidden in located:
@@ -250,9 +236,10 @@ def leave_one_out(evidence: list[Evidence]) -> pd.DataFrame:
         if not others:
             continue
         decided = calibrate(others).decide(max(hidden.distance.mmd2, 0.0))
-        top = hidden.configs[hidden.configs.vision == decided].score.max() if decided in set(hidden.configs.vision) else math.nan
+        own = hidden.configs[hidden.configs.vision == decided].sort_values("val", ascending=False, kind="stable")
+        top = own.iloc[0].score if len(own) else math.nan  # test score of the decided policy's validation-best cell
         rows.append({"suite": hidden.suite, "mmd2": hidden.distance.mmd2, "decided": decided,
-                     "best_within_noise": ", ".join(p for p in POLICY_ORDER if p in hidden.acceptable),
+                     "best_set_policies": ", ".join(p for p in POLICY_ORDER if p in hidden.acceptable),
                      "correct": decided in hidden.acceptable, "regret": float(hidden.best.score - top)})
     return pd.DataFrame(rows)
 
@@ -262,8 +249,8 @@ def leave_one_out(evidence: list[Evidence]) -> pd.DataFrame:
 
 @dataclass
 class Choice:
-    config: pd.Series  # CONFIG + peak_mem_mib, train_samples_per_s
-    per_suite: dict[str, tuple[float, float | None, float]]  # suite -> (score, base, weight)
+    config: pd.Series  # CONFIG + RATES (from the most weighted suite) + peak_mem_mib, train_samples_per_s
+    per_suite: dict[str, tuple[float, float | None, float]]  # suite -> (test score, base, weight)
 
 
 def choose(evidence: list[Evidence], calibration: Calibration | None, d: float | None, nearest: str,
@@ -282,19 +269,23 @@ def choose(evidence: list[Evidence], calibration: Calibration | None, d: float |
         allowed = [p for p in POLICY_ORDER if p in ev.acceptable and p in set(table.vision)] or list(table.vision)
         policy = min(allowed, key=lambda p: table[table.vision == p].peak_mem_mib.mean())
     rows = table[table.vision == policy].copy()
-    best = {ev.suite: ev.best.score for ev in evidence}
-    rows["fit"] = [
-        _weighted({s: (r.scores_by_suite[s] - best[s], w) for s, w in weights.items() if s in r.scores_by_suite})
+    best = {ev.suite: ev.best.val for ev in evidence}
+    rows["fit"] = [  # on validation: closeness to each suite's best, weighted by the suites at the user's distance
+        _weighted({s: (r.val_by_suite[s] - best[s], w) for s, w in weights.items() if s in r.val_by_suite})
         for r in rows.itertuples()
     ]
     rows = rows.dropna(subset=["fit"])
     if rows.empty:  # the chosen policy was never run on the weighted suites: use all suites equally
         rows = table[table.vision == policy].copy()
-        rows["fit"] = [_weighted({s: (v - best[s], 1.0) for s, v in r.scores_by_suite.items()}) for r in rows.itertuples()]
+        rows["fit"] = [_weighted({s: (v - best[s], 1.0) for s, v in r.val_by_suite.items()}) for r in rows.itertuples()]
     top = rows.fit.max()
-    pick = rows[rows.fit >= top - MIN_GAIN].sort_values(["peak_mem_mib", "fit"], ascending=[True, False]).iloc[0]
+    pick = rows[rows.fit >= top - MIN_GAIN].sort_values(["peak_mem_mib", "fit"], ascending=[True, False]).iloc[0].copy()
+    rates_from = max(pick.rates_by_suite, key=lambda s: (weights.get(s, 0.0), s == nearest))
+    for name_, value in zip(RATES, pick.rates_by_suite[rates_from]):
+        pick[name_] = value
+    pick["rates_from"] = rates_from
     bases = {ev.suite: ev.base for ev in evidence}
-    per_suite = {s: (v, bases[s], weights.get(s, 0.0)) for s, v in pick.scores_by_suite.items()}
+    per_suite = {s: (v, bases[s], weights.get(s, 0.0)) for s, v in pick.test_by_suite.items()}
     return Choice(pick, per_suite)
 
 
@@ -311,7 +302,9 @@ def _feasible(evidence: list[Evidence], budget_mib: float | None, min_throughput
     allc = pd.concat(frames)
     grouped = allc.groupby(CONFIG, sort=False)
     table = grouped.agg(peak_mem_mib=("peak_mem_mib", "max"), train_samples_per_s=("train_samples_per_s", "mean")).reset_index()
-    table["scores_by_suite"] = [dict(zip(g.suite, g.score)) for _, g in grouped]
+    table["val_by_suite"] = [dict(zip(g.suite, g.val)) for _, g in grouped]
+    table["test_by_suite"] = [dict(zip(g.suite, g.score)) for _, g in grouped]
+    table["rates_by_suite"] = [{s: tuple(row[c] for c in RATES) for s, (_, row) in zip(g.suite, g.iterrows())} for _, g in grouped]
     table["measured_mib"] = table.peak_mem_mib
     if memory is not None:
         table["peak_mem_mib"] = [memory[_key(r)].total_bytes / 2**20 for _, r in table.iterrows()]
@@ -360,7 +353,12 @@ def _gib(nbytes: float) -> str:
 
 def name(config) -> str:
     text = f"{config['targets']} r{config['rank']} (alpha {config['alpha']:g}) + {config['vision']}"
-    return text + f", lr {config['lr']:.2g}, dropout {config['lora_dropout']:g}"
+    if "lr" in config and not pd.isna(config["lr"]):
+        text += f", lr {config['lr']:.2g}"
+        if config["vision"] != "frozen":
+            text += f" (connector {config['lr_connector']:.2g}, vision encoder {config['lr_vision']:.2g})"
+        text += f", dropout {config['lora_dropout']:g}"
+    return text
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -461,6 +459,7 @@ def run(args) -> int:
 
 def _plain(config: pd.Series) -> dict:
     out = dict(zip(CONFIG, _key(config)))
+    out.update({r: float(config[r]) for r in RATES if r in config})
     out["peak_mem_mib"] = float(config.peak_mem_mib)
     out["measured_mib"] = float(config.measured_mib)
     out["train_samples_per_s"] = float(config.train_samples_per_s)
@@ -485,6 +484,8 @@ def markdown(args, adapter, data_set, data_distance, to_suite, nearest, evidence
     else:
         c = choice.config
         lines += [f"**Recommended: {name(c)}**", ""]
+        if "rates_from" in c:
+            lines.append(f"- learning rates: the cell's best on {c['rates_from']}'s validation split (the most weighted suite)")
         if memory is not None:
             e = memory[_key(c)]
             lines.append(f"- estimated peak training memory on {target.describe()}: {_gib(e.total_bytes)} (weights "
@@ -495,7 +496,7 @@ def markdown(args, adapter, data_set, data_distance, to_suite, nearest, evidence
                      "samples/s (process peak RSS on CPU, peak allocated CUDA memory on GPU)")
         for suite, (score, base, w) in sorted(choice.per_suite.items(), key=lambda kv: -kv[1][2]):
             if w > 0:
-                lines.append(f"- on {suite} (weight {w:.2f} at your distance) it scored {score:.3f}"
+                lines.append(f"- on {suite} (weight {w:.2f} at your distance) it scored {score:.3f} on test"
                              + (f" (base model {base:.3f})" if base is not None else ""))
         weighted = [(s, v) for s, v in choice.per_suite.items() if v[2] > 0]
         if weighted:
@@ -528,13 +529,15 @@ def markdown(args, adapter, data_set, data_distance, to_suite, nearest, evidence
         n = to_suite[nearest]
         ev = next(e for e in evidence if e.suite == nearest)
         lines.append(f"- Nearest benchmarked suite: {nearest} (MMD^2 {n.mmd2:.4f}); its best measured configuration was "
-                     f"{name(ev.best)} ({ev.metric} {ev.best.score:.3f}); policies within noise of it there: "
+                     f"{name(ev.best)} (validation {ev.metric} {ev.best.val:.3f}, test {ev.best.score:.3f}); policies in its "
+                     "confidence set of the best there: "
                      f"{', '.join(p for p in POLICY_ORDER if p in ev.acceptable)}.")
     lines += [f"- Note: {n}" for n in notes] + [""]
     if calibration is not None:
-        lines += ["## Calibration", "", "Gain of each vision policy over frozen (paired on target set, rank and seed; mean), per "
-                  "suite, against the suite's MMD^2 from pretraining; `*` = within noise of the suite's best (paired test on its "
-                  "test items, p >= 0.05). Plot: calibration.png.", ""]
+        lines += ["## Calibration", "", "Gain of each vision policy over frozen on validation (cells matched on target set, rank "
+                  "and alpha, each at its best rate; mean), per suite, against the suite's MMD^2 from pretraining; `*` = the "
+                  "policy has a cell in the suite's 95% confidence set of the best (validation, seeds and items resampled); "
+                  "best = test score of the validation-chosen best cell. Plot: calibration.png.", ""]
         policies = calibration.policies()
         rows = []
         for ev in sorted((e for e in evidence if e.distance is not None), key=lambda e: e.distance.mmd2):
@@ -551,7 +554,8 @@ def markdown(args, adapter, data_set, data_distance, to_suite, nearest, evidence
         lines += ["Measured cost per policy (all configurations, all suites):", "", cost.to_markdown(index=False), ""]
     if len(loo):
         lines += ["## Leave-one-suite-out", "", f"Decision accuracy: {int(loo.correct.sum())} of {len(loo)} suites "
-                  f"({loo.correct.mean():.0%}); regret = that suite's best score minus the best score of the decided policy.", "",
+                  f"({loo.correct.mean():.0%}); correct = the decided policy has a cell in the hidden suite's confidence set of "
+                  "the best (validation); regret = test score of its validation-best cell minus that of the decided policy's.", "",
                   loo.to_markdown(index=False, floatfmt=".4f"), ""]
     return "\n".join(lines)
 

@@ -1,24 +1,26 @@
-"""Tables from records: ``results.csv`` (one row per run), ``results.md`` (cells, effects, best), terminal.
+"""Tables from records: ``results.csv`` (one row per run), ``results.md`` (the verdict), terminal.
 
-Pure functions of the records, so the same records always give the same files.
+Pure functions of the records, so the same records always give the same files. What is chosen and
+what is reported follows bench.verdict: choices on validation, test only reported, intervals over
+seeds and items, "best" as a confidence set, equivalence only within a declared margin.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 import shlex
 import sys
+import warnings
 
 import numpy as np
 import pandas as pd
 from rich import box
 from rich.console import Console
 from rich.table import Table
-from scipy import stats
 
+from bench import verdict as verdicts
 from bench.machine import one_line
-from bench.stats import versus_best
+from bench.stats import MARGIN
 from bench.store import atomic_write_bytes, atomic_write_text
 
 FACTORS = {"target_set": "target set", "rank": "rank", "vision_policy": "vision policy"}
@@ -26,9 +28,12 @@ CELL_COLUMNS = ["target_set", "rank", "alpha", "vision_policy"]
 
 
 def frame(records: list[dict]) -> pd.DataFrame:
+    """``results.csv``: one row per run; ``chosen`` marks the runs at their cell's validation-chosen rate."""
+    chosen = {id(r) for c in verdicts.choose_rates(records).values() for r in c.runs}
     rows = []
     for r in records:
         cell = r.get("cell") or {}
+        train = r.get("train") or {}
         losses = r.get("losses") or []
         rows.append({
             "suite": r["suite"],
@@ -38,9 +43,16 @@ def frame(records: list[dict]) -> pd.DataFrame:
             "rank": cell.get("rank", 0),
             "alpha": cell.get("alpha", 0.0),
             "vision_policy": cell.get("vision", "base"),
+            "lr": train.get("lr"),
+            "lr_connector": train.get("lr_connector"),
+            "lr_vision": train.get("lr_vision"),
+            "lora_dropout": train.get("lora_dropout"),
             "seed": r.get("seed") if r.get("seed") is not None else -1,
             "metric": r["metric"],
+            "val_score": r.get("val_score"),
             "score": r.get("score"),
+            "chosen": id(r) in chosen,
+            "plateaued": r.get("plateaued"),
             "trainable_params": r.get("trainable_params"),
             "total_params": r.get("total_params"),
             "peak_mem_mib": r.get("peak_mem_mib"),
@@ -58,45 +70,33 @@ def frame(records: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if df.empty:
         return df
-    return df.sort_values(["suite", "kind", "target_set", "rank", "alpha", "vision_policy", "seed"], kind="stable").reset_index(drop=True)
+    return df.sort_values(["suite", "kind", "target_set", "rank", "alpha", "vision_policy", "lr", "seed"],
+                          kind="stable", na_position="first").reset_index(drop=True)
 
 
-def interval(scores: pd.Series) -> tuple[float, float, float]:
-    """Mean and 95% t-interval over seeds (NaN bounds with one seed)."""
-    values = scores.dropna().to_numpy(dtype=float)
-    mean = float(values.mean()) if len(values) else math.nan
-    if len(values) < 2:
-        return mean, math.nan, math.nan
-    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
-    return mean, mean - half, mean + half
-
-
-def cell_table(df: pd.DataFrame) -> pd.DataFrame:
-    ok = df[(df.kind == "cell") & (df.status == "ok")]
+def cells_frame(v: verdicts.SuiteVerdict) -> pd.DataFrame:
+    """One row per cell at its chosen rate: validation (chosen on), test (reported) with intervals."""
     rows = []
-    for keys, group in ok.groupby(["suite", *CELL_COLUMNS], sort=False):
-        mean, lo, hi = interval(group.score)
+    for c in v.cells:
+        _, targets, rank, alpha, vision = c.key
+        test = v.test.interval(c.key) if v.test is not None and c.key in v.test.keys else (c.test, math.nan, math.nan)
+        val = v.val.interval(c.key) if v.val is not None and c.key in v.val.keys else (c.val, math.nan, math.nan)
         rows.append({
-            **dict(zip(["suite", *CELL_COLUMNS], keys)),
-            "seeds": len(group),
-            "score": mean,
-            "ci_low": lo,
-            "ci_high": hi,
-            "trainable_params": int(group.trainable_params.iloc[0]),
-            "peak_mem_mib": group.peak_mem_mib.mean(),
-            "train_samples_per_s": group.train_samples_per_s.mean(),
-            "eval_items_per_s": group.eval_items_per_s.mean(),
+            "target_set": targets, "rank": rank, "alpha": alpha, "vision_policy": vision, "lr": c.lr, "edge": c.edge,
+            "seeds": c.seeds, "val": val[0], "val_low": val[1], "val_high": val[2], "in_best_set": c.key in v.best_set,
+            "test": test[0], "test_low": test[1], "test_high": test[2],
+            "plateaued": c.plateaued[0], "curves": c.plateaued[1],
+            "trainable_params": int(c.mean("trainable_params")) if not math.isnan(c.mean("trainable_params")) else None,
+            "peak_mem_mib": c.mean("peak_mem_mib"), "train_samples_per_s": c.mean("train_samples_per_s"),
+            "eval_items_per_s": c.mean("eval_items_per_s"), "key": c.key,
         })
-    table = pd.DataFrame(rows)
-    if not table.empty:
-        table = table.sort_values(["suite", "score"], ascending=[True, False], kind="stable").reset_index(drop=True)
-    return table
+    return pd.DataFrame(rows)
 
 
-def main_effects(df: pd.DataFrame, suite: str, factor: str) -> pd.DataFrame:
-    ok = df[(df.kind == "cell") & (df.status == "ok") & (df.suite == suite)]
-    overall = ok.score.mean()
-    table = ok.groupby(factor).score.agg(["mean", "count", "min", "max"]).reset_index()
+def main_effects(cells: pd.DataFrame, factor: str) -> pd.DataFrame:
+    """Mean test score per level of ``factor`` over the cells (each at its chosen rate)."""
+    overall = cells.test.mean()
+    table = cells.groupby(factor).test.agg(["mean", "count", "min", "max"]).reset_index()
     table["vs_overall"] = table["mean"] - overall
     return table.sort_values("mean", ascending=False).reset_index(drop=True)
 
@@ -104,27 +104,28 @@ def main_effects(df: pd.DataFrame, suite: str, factor: str) -> pd.DataFrame:
 INTERACTIONS = (("target_set", "vision_policy"), ("rank", "target_set"))
 
 
-def two_way(df: pd.DataFrame, suite: str, rows: str, cols: str) -> pd.DataFrame:
-    ok = df[(df.kind == "cell") & (df.status == "ok") & (df.suite == suite)]
-    return ok.pivot_table(index=rows, columns=cols, values="score", aggfunc="mean")
+def two_way(cells: pd.DataFrame, rows: str, cols: str) -> pd.DataFrame:
+    return cells.pivot_table(index=rows, columns=cols, values="test", aggfunc="mean")
 
 
-def cross_suite(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows = cells, columns = suites, with each suite's base model as the last row."""
-    cells = cell_table(df)
-    cells = cells.assign(cell=cells.apply(_cell_name, axis=1))
-    table = cells.pivot_table(index="cell", columns="suite", values="score", aggfunc="mean")
+def cross_suite(all_verdicts: dict[str, verdicts.SuiteVerdict], bases: dict) -> pd.DataFrame:
+    """Rows = cells (each suite's chosen rate), columns = suites (test scores), the base model last."""
+    rows = {}
+    for suite, v in all_verdicts.items():
+        for c in v.cells:
+            rows.setdefault(verdicts.cell_name(c.key), {})[suite] = c.test
+    table = pd.DataFrame(rows).T
     table = table.loc[table.mean(axis=1).sort_values(ascending=False).index]
-    base = df[df.kind == "base"].groupby("suite").score.mean().rename("(base model)")
-    return pd.concat([table, base.to_frame().T])
+    base = pd.DataFrame([{suite: bases.get(suite, (None, None))[1] for suite in all_verdicts}], index=["(base model)"])
+    return pd.concat([table, base])
 
 
 def heatmap_name(suite: str) -> str:
     return f"heatmap-{suite}.png"
 
 
-def heatmap_png(df: pd.DataFrame, suite: str) -> bytes:
-    """Target set x vision policy, one colour scale per suite, values printed in the cells."""
+def heatmap_png(cells: pd.DataFrame, suite: str, metric: str) -> bytes:
+    """Target set x vision policy (test scores, each cell at its chosen rate), values in the cells."""
     import io
 
     import matplotlib
@@ -132,8 +133,7 @@ def heatmap_png(df: pd.DataFrame, suite: str) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pivot = two_way(df, suite, "target_set", "vision_policy")
-    metric = df[df.suite == suite].metric.iloc[0]
+    pivot = two_way(cells, "target_set", "vision_policy")
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * pivot.shape[1], 0.8 + 0.5 * pivot.shape[0]), dpi=110)
     image = ax.imshow(pivot.to_numpy(dtype=float), cmap="viridis", aspect="auto")
     ax.set_xticks(range(pivot.shape[1]), pivot.columns)
@@ -143,8 +143,8 @@ def heatmap_png(df: pd.DataFrame, suite: str) -> bytes:
     for (i, j), value in np.ndenumerate(pivot.to_numpy(dtype=float)):
         if not np.isnan(value):
             ax.text(j, i, f"{value:.3f}", ha="center", va="center", color="white" if value < np.nanmean(pivot) else "black")
-    fig.colorbar(image, ax=ax, label=metric)
-    ax.set_title(f"{suite}: mean {metric}")
+    fig.colorbar(image, ax=ax, label=f"test {metric}")
+    ax.set_title(f"{suite}: test {metric}, each cell at its best rate")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", metadata={"Software": None})
@@ -152,28 +152,16 @@ def heatmap_png(df: pd.DataFrame, suite: str) -> bytes:
     return buffer.getvalue()
 
 
-def _fmt_ci(row) -> str:
-    if math.isnan(row.ci_low):
-        return "n/a (1 seed)"
-    return f"[{row.ci_low:.3f}, {row.ci_high:.3f}]"
+def _ci(low: float, high: float) -> str:
+    return "" if math.isnan(low) else f"[{low:.3f}, {high:.3f}]"
 
 
-def _versus_best_column(records: list[dict], suite: str, suite_cells: pd.DataFrame) -> list[str]:
-    best = suite_cells.iloc[0]
-    key = lambda row: (row["target_set"], row["rank"], float(row["alpha"]), row["vision_policy"])  # noqa: E731
-    table = versus_best(records, suite, (suite, *key(best)))
-    found = {key(row): row for _, row in table.iterrows()} if not table.empty else {}
-    column = []
-    for i, (_, row) in enumerate(suite_cells.iterrows()):
-        r = found.get(key(row))
-        if i == 0:
-            column.append("(best)")
-        elif r is None:
-            column.append("")
-        else:
-            mark = "**≈ best** " if r.within_noise else ""
-            column.append(f"{mark}{r['diff']:+.3f} [{r.low:+.3f}, {r.high:+.3f}] p={r.p_value:.3f}")
-    return column
+def _comparison(c) -> str:
+    return f"{c.diff:+.3f} [{c.low:+.3f}, {c.high:+.3f}] {c.verdict}"
+
+
+def _rate(lr: float, edge: bool) -> str:
+    return f"{lr:.2g}" + (" (edge)" if edge else "")
 
 
 def _cell_name(row) -> str:
@@ -181,8 +169,99 @@ def _cell_name(row) -> str:
     return f"{row['target_set']}-r{row['rank']}-a{row['alpha']:g}-{row['vision_policy']}"
 
 
-def markdown(df: pd.DataFrame, records: list[dict], command: str, settings: dict) -> str:
-    cells = cell_table(df)
+def _protocol_lines(v: verdicts.SuiteVerdict, margin: float) -> list[str]:
+    grid = ", ".join(f"{lr:.2g}" for lr in v.grid)
+    lines = [f"Protocol: every choice below (each cell's learning rate, the best cell, the confidence set of the best) "
+             f"looks at the validation split only; test is reported, never chosen on. LoRA learning rates tried per "
+             f"cell: {grid} (fully trained parts at their declared ratio); seeds per cell: "
+             f"{min(c.seeds for c in v.cells)}-{max(c.seeds for c in v.cells)}. Intervals resample seeds and items "
+             f"(95%); \"equivalent\" needs the 90% interval of a difference inside +-{margin:g} (TOST).", ""]
+    if v.seeds < 2:
+        lines += ["**One seed per cell: seed noise is not measured.** Intervals and the confidence set below hold item "
+                  "noise only, and no equivalence is claimed; rerun with `--seeds 0,1,2`.", ""]
+    edges = [verdicts.cell_name(c.key) for c in v.cells if c.edge]
+    if edges:
+        lines += [f"Best rate at the edge of the grid for {len(edges)} of {len(v.cells)} cells ({', '.join(edges[:6])}"
+                  f"{', ...' if len(edges) > 6 else ''}): their optimum may lie outside it; widen `--lrs` to find out.", ""]
+    plateau = [c.plateaued for c in v.cells]
+    done, total = sum(p[0] for p in plateau), sum(p[1] for p in plateau)
+    if total:
+        best = v.best.plateaued if v.best else (0, 0)
+        lines += [f"Training length: {done} of {total} chosen runs had plateaued (validation gained < 0.01 over the last "
+                  f"quarter of training); the best cell: {best[0]} of {best[1]} seeds.", ""]
+    return lines
+
+
+def suite_markdown(v: verdicts.SuiteVerdict, metric: str, base: tuple, margin: float, source: str | None) -> list[str]:
+    lines = [f"## {v.suite} ({metric})", ""]
+    if source:
+        lines += [f"Data: {source}", ""]
+    if not v.cells:
+        return lines + ["No finished runs.", ""]
+    cells = cells_frame(v)
+    lines += _protocol_lines(v, margin)
+    b = cells.iloc[0]
+    in_set = [verdicts.cell_name(k) for k in (c.key for c in v.cells) if k in v.best_set]
+    lines += [f"**Best cell (validation):** `{_cell_name(b)}` at lr {b.lr:.2g}: validation {metric} {b.val:.3f}, "
+              f"test {b.test:.3f} {_ci(b.test_low, b.test_high)} over {b.seeds} seed(s); peak memory "
+              f"{b.peak_mem_mib:.0f} MiB, {b.train_samples_per_s:.0f} train samples/s.", ""]
+    lines += [f"**Confidence set of the best (95%, validation):** {len(in_set)} of {len(v.cells)} cells: "
+              + ", ".join(f"`{n}`" for n in in_set) + ".", ""]
+    if base[1] is not None:
+        lines += [f"**Base model (no tuning):** test {metric} {base[1]:.3f}" + (f", validation {base[0]:.3f}" if base[0] is not None else ""), ""]
+    shown = pd.DataFrame({
+        "cell": cells.apply(_cell_name, axis=1),
+        "lr": [_rate(lr, e) for lr, e in zip(cells.lr, cells.edge)],
+        "seeds": cells.seeds,
+        f"val {metric}": cells.val,
+        "best set": ["yes" if x else "" for x in cells.in_best_set],
+        f"test {metric}": cells.test,
+        "test 95% CI": [_ci(lo, hi) for lo, hi in zip(cells.test_low, cells.test_high)],
+        "vs best on test": ["(best)" if k == v.best.key else (_comparison(v.vs_best[k]) if k in v.vs_best else "") for k in cells.key],
+        "plateaued": [f"{p}/{n}" if n else "" for p, n in zip(cells.plateaued, cells.curves)],
+        "trainable": cells.trainable_params,
+        "peak MiB": cells.peak_mem_mib,
+        "samples/s": cells.train_samples_per_s,
+    })
+    lines += ["### Cells (best validation score first; each at its best learning rate on validation)", ""]
+    lines += ["*vs best on test*: the cell minus the validation-chosen best on the same test items, 95% interval over "
+              "seeds and items, and the verdict (better / worse / equivalent within the margin / not shown different). "
+              "Validation scores are each cell's best over the rate grid, so they are optimistic; test scores are not.", ""]
+    lines += [shown.to_markdown(index=False, floatfmt=".3f"), ""]
+    if len(v.grid) > 1:
+        rates = pd.DataFrame({f"{lr:.2g}": [c.by_rate.get(lr, (math.nan, 0))[0] for c in v.cells] for lr in v.grid},
+                             index=[verdicts.cell_name(c.key) for c in v.cells])
+        lines += ["### Learning rate sweep (validation score, mean over seeds)", "", rates.to_markdown(floatfmt=".3f"), ""]
+    findings = [f for f in v.findings if f.comparison is not None]
+    if findings:
+        rows = [{"claim": f.claim.name, "source": f.claim.source, "contrast": f"{f.claim.a} - {f.claim.b}",
+                 "matched pairs": f.pairs, "difference (test)": f"{f.comparison.diff:+.3f}",
+                 "95% CI": f"[{f.comparison.low:+.3f}, {f.comparison.high:+.3f}]",
+                 "range over pairs": f"{f.spread[0]:+.3f} to {f.spread[1]:+.3f}", "verdict": f.comparison.verdict}
+                for f in findings]
+        lines += ["### Findings (test; each contrast averages cells that match on every other factor)", "",
+                  pd.DataFrame(rows).to_markdown(index=False), ""]
+    lines += ["### Main effects (mean test score per level, over the other factors)", ""]
+    for factor, title in FACTORS.items():
+        effects = main_effects(cells, factor)
+        if len(effects) < 2:
+            continue
+        effects = effects.rename(columns={"mean": f"mean {metric}", "count": "cells", "vs_overall": "vs overall"})
+        lines += [f"**{title}**", "", effects.to_markdown(index=False, floatfmt=".3f"), ""]
+    interactions = [(r, c) for r, c in INTERACTIONS if cells[r].nunique() > 1 and cells[c].nunique() > 1]
+    if interactions:
+        lines += ["### Two-way tables (mean test score over the other factors)", ""]
+        if ("target_set", "vision_policy") in interactions:
+            lines += [f"![{v.suite}: target set x vision policy]({heatmap_name(v.suite)})", ""]
+    for rows, cols in interactions:
+        lines += [f"**{FACTORS[rows]} x {FACTORS[cols]}**", "", two_way(cells, rows, cols).to_markdown(floatfmt=".3f"), ""]
+    return lines
+
+
+def markdown(records: list[dict], command: str, settings: dict, margin: float = MARGIN,
+             judged: dict | None = None) -> str:
+    judged = verdicts.judge(records, margin) if judged is None else judged
+    bases = verdicts.base_scores(records)
     first = records[0] if records else {}
     lines = ["# LoRA ablation results", ""]
     lines += [f"Command: `{command}`", ""]
@@ -191,96 +270,46 @@ def markdown(df: pd.DataFrame, records: list[dict], command: str, settings: dict
         lines += ["Versions: " + ", ".join(f"{k} {v}" for k, v in first["versions"].items()), ""]
     if settings:
         lines += ["Per run: " + ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None), ""]
-    n_ok = int(((df.kind == "cell") & (df.status == "ok")).sum()) if not df.empty else 0
-    bad = df[(df.kind == "cell") & (df.status != "ok")] if not df.empty else df
-    lines += [f"Runs: {n_ok} ok" + (f", {len(bad)} not ok (listed at the end)" if len(bad) else ""), ""]
-    for suite in sorted(df.suite.unique()) if not df.empty else []:
-        metric = df[df.suite == suite].metric.iloc[0]
-        base = df[(df.suite == suite) & (df.kind == "base")]
-        suite_cells = cells[cells.suite == suite] if not cells.empty else cells
-        lines += [f"## {suite} ({metric})", ""]
+    cells = [r for r in records if r.get("kind") == "cell"]
+    bad = [r for r in cells if r.get("status") != "ok"]
+    lines += [f"Runs: {len(cells) - len(bad)} ok" + (f", {len(bad)} not ok (listed at the end)" if bad else ""), ""]
+    for suite in sorted({r["suite"] for r in records}):
+        metric = next(r["metric"] for r in records if r["suite"] == suite)
         source = next((r.get("data_source") for r in records if r.get("suite") == suite and r.get("data_source")), None)
-        if source:
-            lines += [f"Data: {source}", ""]
-        if not suite_cells.empty:
-            best = suite_cells.iloc[0]
-            lines += [
-                f"**Best cell:** `{_cell_name(best)}` with {metric} {best.score:.3f} {_fmt_ci(best)}"
-                f" over {best.seeds} seed(s); peak memory {best.peak_mem_mib:.0f} MiB, {best.train_samples_per_s:.0f} train samples/s.",
-                "",
-            ]
-        if not base.empty:
-            lines += [f"**Base model (no tuning):** {metric} {base.score.iloc[0]:.3f}", ""]
-        if not suite_cells.empty:
-            shown = suite_cells.assign(
-                cell=suite_cells.apply(_cell_name, axis=1),
-                **{"95% CI": suite_cells.apply(_fmt_ci, axis=1)},
-            )
-            shown["vs best (paired)"] = _versus_best_column(records, suite, suite_cells)
-            shown = shown[["target_set", "rank", "alpha", "vision_policy", "seeds", "score", "95% CI", "vs best (paired)",
-                           "trainable_params", "peak_mem_mib", "train_samples_per_s", "eval_items_per_s"]]
-            if not base.empty:
-                b = base.iloc[0]
-                base_row = pd.DataFrame([{
-                    "target_set": "(base model)", "rank": "-", "alpha": "-", "vision_policy": "-", "seeds": "-",
-                    "score": b.score, "95% CI": "", "trainable_params": 0, "peak_mem_mib": np.nan,
-                    "train_samples_per_s": np.nan, "eval_items_per_s": b.eval_items_per_s,
-                }])
-                shown = pd.concat([shown, base_row], ignore_index=True)
-            shown = shown.rename(columns={"score": metric})
-            lines += ["### Cells (mean and 95% interval over seeds; sorted by score)", ""]
-            lines += ["*vs best (paired)*: difference from the best cell on the same test items, 95% bootstrap "
-                      "interval and permutation p-value; **≈ best** marks cells within noise of the best (p >= 0.05). "
-                      "With one seed per cell this is item noise only: seed noise can be larger "
-                      "(run `--seeds 0,1,2` to include it).", ""]
-            lines += [shown.to_markdown(index=False, floatfmt=".3f"), ""]
-            lines += ["### Main effects (mean score per level, over all other factors)", ""]
-            for factor, title in FACTORS.items():
-                effects = main_effects(df, suite, factor)
-                if len(effects) < 2:
-                    continue
-                effects = effects.rename(columns={"mean": f"mean {metric}", "count": "runs", "vs_overall": "vs overall"})
-                lines += [f"**{title}**", "", effects.to_markdown(index=False, floatfmt=".3f"), ""]
-            suite_runs = df[(df.suite == suite) & (df.kind == "cell")]
-            interactions = [(r, c) for r, c in INTERACTIONS if suite_runs[r].nunique() > 1 and suite_runs[c].nunique() > 1]
-            if interactions:
-                lines += ["### Two-way tables (mean score over the other factors and seeds)", ""]
-                lines += [f"![{suite}: target set x vision policy]({heatmap_name(suite)})", ""] if ("target_set", "vision_policy") in interactions else []
-            for rows, cols in interactions:
-                pivot = two_way(df, suite, rows, cols)
-                lines += [f"**{FACTORS[rows]} x {FACTORS[cols]}**", "", pivot.to_markdown(floatfmt=".3f"), ""]
-    if not df.empty and df.suite.nunique() > 1:
-        lines += ["## Across suites (mean score over seeds; each suite's own metric)", "", cross_suite(df).to_markdown(floatfmt=".3f"), ""]
-    if len(bad):
+        v = judged.get(suite) or verdicts.SuiteVerdict(suite, [], None, set(), None, None)
+        lines += suite_markdown(v, metric, bases.get(suite, (None, None)), margin, source)
+    if len(judged) > 1:
+        lines += ["## Across suites (test score, each cell at its best rate on that suite's validation)", "",
+                  cross_suite(judged, bases).to_markdown(floatfmt=".3f"), ""]
+    if bad:
         lines += ["## Runs that did not finish", ""]
-        lines += [bad[["suite", "target_set", "rank", "vision_policy", "seed", "status"]].to_markdown(index=False), ""]
-        for r in records:
-            if r.get("kind") == "cell" and r.get("status") != "ok":
-                lines.append(f"- `{r['key']}`: {r.get('error')}")
-        lines.append("")
+        table = pd.DataFrame([{"suite": r["suite"], "cell": verdicts.cell_name(verdicts.cell_key(r)), "lr": r["train"]["lr"],
+                               "seed": r.get("seed"), "status": r["status"]} for r in bad])
+        lines += [table.to_markdown(index=False), ""]
+        lines += [f"- `{r['key']}`: {r.get('error')}" for r in bad] + [""]
     return "\n".join(lines)
 
 
-def terminal_table(df: pd.DataFrame, console: Console) -> None:
-    """Fits 80 columns: the interval column only when some cell has several seeds."""
-    cells = cell_table(df)
-    for suite in sorted(df.suite.unique()):
-        metric = df[df.suite == suite].metric.iloc[0]
-        base = df[(df.suite == suite) & (df.kind == "base")]
-        suite_cells = cells[cells.suite == suite] if not cells.empty else cells
-        with_ci = not suite_cells.empty and suite_cells.ci_low.notna().any()
-        table = Table(title=f"{suite}: {metric} per cell, best first", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-        columns = ["targets", "r", "vision", "seeds", metric] + (["±95%"] if with_ci else []) + ["trainable", "MiB", "samp/s"]
-        for col in columns:
+def terminal_table(judged: dict[str, verdicts.SuiteVerdict], records: list[dict], console: Console) -> None:
+    """Fits 80 columns: cell, chosen rate, validation (chosen on), test with its interval."""
+    bases = verdicts.base_scores(records)
+    for suite, v in judged.items():
+        metric = next(r["metric"] for r in records if r["suite"] == suite)
+        cells = cells_frame(v)
+        table = Table(title=f"{suite}: {metric}, best on validation first (* = in the 95% best set)", box=box.SIMPLE_HEAD,
+                      pad_edge=False, collapse_padding=True)
+        for col in ("targets", "r", "vision", "lr", "seeds", "val", "test", "±95%", "MiB", "samp/s"):
             table.add_column(col, justify="left" if col in ("targets", "vision") else "right", no_wrap=True,
-                             min_width={metric: 5, "vision": 13}.get(col))
-        for i, row in enumerate(suite_cells.itertuples()):
-            ci = ["" if math.isnan(row.ci_low) else f"{(row.ci_high - row.ci_low) / 2:.3f}"] if with_ci else []
-            table.add_row(row.target_set, str(row.rank), row.vision_policy, str(row.seeds), f"{row.score:.3f}", *ci,
-                          f"{row.trainable_params:,}", f"{row.peak_mem_mib:.0f}", f"{row.train_samples_per_s:.0f}",
-                          style="bold green" if i == 0 else None)
-        if not base.empty:
-            table.add_row("(base)", "", "", "", f"{base.score.iloc[0]:.3f}", *([""] if with_ci else []), "0", "", "", style="dim")
+                             min_width={"vision": 13}.get(col))
+        for i, row in enumerate(cells.itertuples()):
+            half = "" if math.isnan(row.test_low) else f"{(row.test_high - row.test_low) / 2:.3f}"
+            table.add_row(row.target_set, str(row.rank), row.vision_policy, f"{row.lr:.0e}" + ("!" if row.edge else ""),
+                          str(row.seeds), f"{row.val:.3f}" + ("*" if row.in_best_set else " "), f"{row.test:.3f}", half,
+                          f"{row.peak_mem_mib:.0f}", f"{row.train_samples_per_s:.0f}", style="bold green" if i == 0 else None)
+        base = bases.get(suite, (None, None))
+        if base[1] is not None:
+            val = "" if base[0] is None else f"{base[0]:.3f} "
+            table.add_row("(base)", "", "", "", "", val, f"{base[1]:.3f}", "", "", "", style="dim")
         console.print(table)
 
 
@@ -295,15 +324,19 @@ def frame_table(frame: pd.DataFrame, title: str) -> Table:
 
 
 def write_all(records: list[dict], spec, console: Console, study=None) -> None:
-    df = frame(records)
     out = spec.out
     from bench.study import redact
 
+    margin = getattr(spec, "margin", MARGIN)
+    judged = verdicts.judge(records, margin)
     command = redact("python run_bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])) if sys.argv else ""
-    settings = {"steps": spec.train.steps, "batch_size": spec.train.batch_size, "lr": spec.train.lr,
-                "lora_dropout": spec.train.lora_dropout, "alpha_rule": spec.alpha_rule}
-    atomic_write_text(out / "results.csv", df.to_csv(index=False, float_format="%.6g"))
-    text = markdown(df, records, command, settings)
+    settings = {"steps": spec.train.steps, "batch_size": spec.train.batch_size,
+                "lrs": ",".join(f"{t.lr:g}" for t in spec.settings) if hasattr(spec, "settings") else spec.train.lr,
+                "lr_connector/lr": f"{spec.train.lr_connector / spec.train.lr:g}", "lr_vision/lr": f"{spec.train.lr_vision / spec.train.lr:g}",
+                "lora_dropout": spec.train.lora_dropout, "alpha_rule": spec.alpha_rule,
+                "param_budget": getattr(spec, "param_budget", None)}
+    atomic_write_text(out / "results.csv", frame(records).to_csv(index=False, float_format="%.6g"))
+    text = markdown(records, command, settings, margin, judged)
     if study is not None and spec.search:
         text += "\n" + search_markdown(study, spec)
         if len(spec.objectives) > 1 and any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)):
@@ -311,12 +344,13 @@ def write_all(records: list[dict], spec, console: Console, study=None) -> None:
     elif study is not None:
         for suite in spec.suites:
             text += f"\n## Parameter importance: {suite}\n\n" + importance_table(study, spec.objectives, suite)
-    for suite in sorted(df.suite.unique()) if not df.empty else []:
+    for suite, v in judged.items():
         if heatmap_name(suite) in text:
-            atomic_write_bytes(out / heatmap_name(suite), heatmap_png(df, suite))
+            metric = next(r["metric"] for r in records if r["suite"] == suite)
+            atomic_write_bytes(out / heatmap_name(suite), heatmap_png(cells_frame(v), suite, metric))
     atomic_write_text(out / "results.md", text + "\n")
-    if not df.empty:
-        terminal_table(df, console)
+    if judged:
+        terminal_table(judged, records, console)
     console.print(f"wrote {out / 'results.md'} and {out / 'results.csv'}")
 
 
@@ -392,7 +426,7 @@ def _pareto_ranks(study) -> list[list]:
     return fronts
 
 
-OBJECTIVE_LABELS = {"score": "score", "memory": "peak MiB", "throughput": "train samples/s"}
+OBJECTIVE_LABELS = {"score": "val score", "memory": "peak MiB", "throughput": "train samples/s"}
 
 
 def search_markdown(study, spec) -> str:
@@ -412,6 +446,7 @@ def search_markdown(study, spec) -> str:
         rows.append({"trial": t.number, "state": t.state.name.lower(), "targets": p.get("targets"), "rank": p.get("rank"),
                      "vision": p.get("vision"), "lr": p.get("lr"), "alpha/r": p.get("alpha_ratio"), "dropout": p.get("lora_dropout"),
                      **{OBJECTIVE_LABELS[o]: (t.values[i] if t.values else None) for i, o in enumerate(spec.objectives)},
+                     "test score": _test_score(t),
                      "steps": t.user_attrs.get("steps_trained"), "feasible": "yes" if feasible else "no"})
     steps = sum(r["steps"] or 0 for r in rows)
     matrix_steps = len(spec.cells) * spec.train.steps
@@ -430,6 +465,14 @@ def search_markdown(study, spec) -> str:
             lines += [f"![Pareto front]({PARETO_PNG})", ""]
     lines += [importance_table(study, spec.objectives), ""]
     return "\n".join(lines)
+
+
+def _test_score(trial) -> float | None:
+    """The trial's test score, reported next to the validation score it was chosen on."""
+    import json
+
+    record = trial.user_attrs.get("record")
+    return json.loads(record).get("score") if record else None
 
 
 PARETO_PNG = "pareto.png"

@@ -1,5 +1,9 @@
 """One JSON record per run under ``<out>/records/<suite>/``, written atomically; resume reads them back.
 
+Records are gzip-compressed JSON (``<key>.json.gz``): with per-item predictions for validation and
+test they are ~60 KB of text each, ~9 KB compressed, and a published matrix holds hundreds. Plain
+``<key>.json`` files (earlier records) are read too.
+
 A record's file name is the run's key (cell, seed and a hash of everything that decides its numbers),
 so a rerun of the same command finds finished runs and skips them, and no run can appear twice.
 Writes go to a temporary file in the same folder, are flushed to disk and renamed over the target:
@@ -8,6 +12,7 @@ a process killed at any moment leaves either the old complete file or the new co
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -16,7 +21,7 @@ from pathlib import Path
 
 from bench.errors import BenchError
 
-SCHEMA = 1
+SCHEMA = 2  # 2: validation split (val_score, val_items, val_curve), per-part learning rates
 DONE = ("ok", "diverged")  # outcomes a rerun would reproduce; "failed"/"oom" are retried
 
 
@@ -47,6 +52,26 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def read_record(path: Path) -> dict | None:
+    """A record file (``.json.gz`` or ``.json``); None when it does not parse."""
+    try:
+        data = Path(path).read_bytes()
+        return json.loads(gzip.decompress(data) if str(path).endswith(".gz") else data)
+    except (OSError, EOFError, ValueError):
+        return None  # cannot happen with atomic writes; treat a foreign broken file as absent
+
+
+def record_files(folder: Path, pattern: str = "*/") -> list[Path]:
+    """Record files under ``folder`` matching ``<pattern><key>.json[.gz]``, sorted."""
+    folder = Path(folder)
+    return sorted([*folder.glob(f"{pattern}*.json.gz"), *folder.glob(f"{pattern}*.json")])
+
+
+def encode_record(record: dict) -> bytes:
+    """Deterministic bytes (no timestamp in the gzip header): the same record gives the same file."""
+    return gzip.compress(json.dumps(record, separators=(",", ":")).encode(), compresslevel=9, mtime=0)
+
+
 def digest(payload: dict, n: int = 10) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:n]
 
@@ -69,16 +94,13 @@ class Store:
             ) from None
 
     def path(self, suite: str, key: str) -> Path:
-        return self.records_dir / suite / f"{key}.json"
+        return self.records_dir / suite / f"{key}.json.gz"
 
     def get(self, suite: str, key: str) -> dict | None:
-        path = self.path(suite, key)
-        if not path.is_file():
-            return None
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError:
-            return None  # cannot happen with atomic writes; treat a foreign broken file as absent
+        for path in (self.path(suite, key), self.records_dir / suite / f"{key}.json"):
+            if path.is_file():
+                return read_record(path)
+        return None
 
     def is_done(self, suite: str, key: str) -> bool:
         record = self.get(suite, key)
@@ -87,19 +109,14 @@ class Store:
     def put(self, record: dict) -> Path:
         record = {"schema": SCHEMA, **record}
         path = self.path(record["suite"], record["key"])
-        atomic_write_text(path, json.dumps(record, indent=1, sort_keys=False) + "\n")
+        atomic_write_bytes(path, encode_record(record))
+        path.with_suffix("").unlink(missing_ok=True)  # a plain .json of the same run, written by an earlier version
         return path
 
     def all(self) -> list[dict]:
-        records = []
         if not self.records_dir.is_dir():
-            return records
-        for path in sorted(self.records_dir.glob("*/*.json")):
-            try:
-                records.append(json.loads(path.read_text()))
-            except json.JSONDecodeError:
-                continue
-        return records
+            return []
+        return [r for r in map(read_record, record_files(self.records_dir)) if r is not None]
 
     def clean_temporaries(self) -> None:
         """Remove partial files a killed process left behind (they never replaced a record)."""

@@ -8,13 +8,14 @@ import time
 
 import pandas as pd
 
+from bench.store import read_record, record_files
 from conftest import ROOT, run_cli
 
 ONE_CELL = ["--suite", "docvqa", "--preset", "smoke", "--targets", "qv", "--ranks", "4", "--vision", "frozen", "--seeds", "0"]
 
 
 def records(out):
-    return [json.loads(p.read_text()) for p in sorted((out / "records").glob("*/*.json"))]
+    return [read_record(p) for p in record_files(out / "records")]
 
 
 def test_smoke_matrix_then_rerun_does_no_training(tmp_path):
@@ -25,19 +26,54 @@ def test_smoke_matrix_then_rerun_does_no_training(tmp_path):
     df = pd.read_csv(out / "results.csv")
     assert len(df) == 4 + 1  # 4 cells x 1 seed + the base model
     assert set(df.status) == {"ok"}
-    assert {"suite", "model", "target_set", "rank", "alpha", "vision_policy", "seed", "metric", "score",
-            "trainable_params", "peak_mem_mib", "train_samples_per_s", "eval_items_per_s", "train_s", "status"} <= set(df.columns)
+    assert {"suite", "model", "target_set", "rank", "alpha", "vision_policy", "seed", "metric", "score", "val_score", "lr",
+            "lr_connector", "lr_vision", "chosen", "trainable_params", "peak_mem_mib", "train_samples_per_s", "eval_items_per_s",
+            "train_s", "status"} <= set(df.columns)
     md = (out / "results.md").read_text()
-    assert "Best cell" in md and "Base model" in md and "Main effects" in md
-    mtimes = {p: p.stat().st_mtime_ns for p in (out / "records").glob("*/*.json")}
+    assert "Best cell (validation)" in md and "Base model" in md and "Main effects" in md and "Confidence set of the best" in md
+    _items_are_scored_with_official_anls(records(out))
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "records").glob("*/*")}
 
     second = run_cli("--suite", "docvqa", "--preset", "smoke", "--out", str(out))
     assert second.returncode == 0, second.stderr[-2000:]
     assert "5 of 4 runs" not in second.stdout
     assert "4 of 4 runs already recorded" in second.stdout
     assert "train qv" not in second.stdout
-    assert {p: p.stat().st_mtime_ns for p in (out / "records").glob("*/*.json")} == mtimes
+    assert {p: p.stat().st_mtime_ns for p in (out / "records").glob("*/*")} == mtimes
     assert (out / "results.csv").read_text() == csv1
+
+
+def _items_are_scored_with_official_anls(recs):
+    """Every per-item score in the records is the official ANLS of the kept prediction, on both splits."""
+    from bench.metrics import anls
+    from bench.suite_data import cache_root, read_split
+
+    checked = 0
+    for r in recs:
+        for split, field in (("test", "items"), ("val", "val_items")):
+            answers = {row.id: row.answers for row in read_split(cache_root() / r["data"], split)}
+            for item in r[field]:
+                assert item["score"] == anls(item["prediction"], answers[item["id"]]), (r["key"], item)
+                checked += 1
+    assert checked >= 5 * 96
+
+
+def test_learning_rate_grid_and_seeds_choose_on_validation(tmp_path):
+    out = tmp_path / "grid"
+    result = run_cli(*ONE_CELL[:-1], "0,1", "--lrs", "1e-3,1e-2", "--steps", "4", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    df = pd.read_csv(out / "results.csv")
+    cells = df[df.kind == "cell"]
+    assert len(cells) == 4 and sorted(set(cells.lr)) == [1e-3, 1e-2] and set(cells.seed) == {0, 1}
+    assert ((cells.lr_connector / cells.lr).round(6) == 0.3).all() and ((cells.lr_vision / cells.lr).round(6) == 0.1).all()
+    chosen = cells[cells.chosen]
+    assert len(chosen) == 2 and chosen.lr.nunique() == 1  # both seeds of the cell at one rate...
+    means = cells.groupby("lr").val_score.mean()
+    assert means[chosen.lr.iloc[0]] == means.max()  # ...the one with the best mean validation score
+    md = (out / "results.md").read_text()
+    assert "### Learning rate sweep" in md and "(edge)" in md and "seed noise is not measured" not in md
+    recs = [r for r in records(out) if r["kind"] == "cell"]
+    assert all(len(r["val_curve"]) == 3 and r["val_curve"][-1] == [4, r["val_score"]] for r in recs)
 
 
 def test_same_cell_same_seed_gives_identical_numbers(tmp_path):
@@ -49,8 +85,9 @@ def test_same_cell_same_seed_gives_identical_numbers(tmp_path):
     rb = [r for r in records(b) if r["kind"] == "cell"]
     assert len(ra) == len(rb) == 1
     assert ra[0]["losses"] == rb[0]["losses"]
-    assert ra[0]["score"] == rb[0]["score"]
+    assert ra[0]["score"] == rb[0]["score"] and ra[0]["val_score"] == rb[0]["val_score"]
     assert [i["prediction"] for i in ra[0]["items"]] == [i["prediction"] for i in rb[0]["items"]]
+    assert ra[0]["val_items"] == rb[0]["val_items"]
 
 
 def test_kill_minus_9_then_resume(tmp_path):
@@ -105,13 +142,13 @@ def test_saved_adapter_reloads_with_peft_and_predicts_the_same(tmp_path):
     adapter.load(torch.device("cpu"))
     model = PeftModel.from_pretrained(adapter.model, str(out / record["adapter"])).eval()
     suite = suites.get("docvqa")
-    rows = read_split(suite.prepare(128, 48), "test")[:8]
+    rows = read_split(suite.prepare(128, 48, val_items=48), "test")[:8]
     from PIL import Image
 
     arrays = [adapter.image_array(Image.open(r.image).convert("RGB")) for r in rows]
     batch = adapter.prompt_batch([adapter.encode_prompt(suite.prompt(r.question)) for r in rows], arrays, torch.device("cpu"))
     with torch.no_grad():
-        predictions = adapter.decode(adapter.generate_ids(model, batch, 16))
+        predictions = adapter.decode(adapter.generate_ids(model, batch, record["max_gen_toks"]))
     recorded = {i["id"]: i["prediction"] for i in record["items"]}
     assert predictions == [recorded[r.id] for r in rows]
 
@@ -123,4 +160,16 @@ def test_save_adapters_best_keeps_one_folder_per_suite(tmp_path):
     kept = list((out / "adapters" / "docvqa").iterdir())
     cells = [r for r in records(out) if r["kind"] == "cell"]
     assert len(kept) == 1 and kept[0].name in {r["key"] for r in cells}
-    assert json.loads((kept[0] / "run.json").read_text())["score"] == max(r["score"] for r in cells)
+    assert json.loads((kept[0] / "run.json").read_text())["val_score"] == max(r["val_score"] for r in cells)  # chosen on validation
+
+
+def test_param_budget_compares_target_sets_at_equal_lora_parameters(tmp_path):
+    out = tmp_path / "budget"
+    result = run_cli("--suite", "docvqa", "--preset", "smoke", "--targets", "qk,all", "--vision", "frozen",
+                     "--param-budget", "20000", "--steps", "2", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--param-budget 20,000: qk r22, all r4" in result.stdout.replace("\n", " ")
+    cells = {r["cell"]["targets"]: r for r in records(out) if r["kind"] == "cell"}
+    assert cells["qk"]["cell"]["rank"] == 22 and cells["all"]["cell"]["rank"] == 4
+    assert all(abs(r["trainable_params"] - 20000) < 1000 for r in cells.values())  # frozen: LLM LoRA only
+    assert "param_budget=20000" in (out / "results.md").read_text()

@@ -1,6 +1,5 @@
 """transformers-native families: tiny random checkpoints built offline, driven through --model FOLDER."""
 
-import json
 import re
 
 import pytest
@@ -10,6 +9,7 @@ import hf_families
 from bench.models import get_adapter
 from bench.models.hf import FAMILIES
 from bench.space import TARGET_SETS, VISION_POLICIES, build_cells
+from bench.store import read_record, record_files
 from bench.train import resolve
 from conftest import run_cli
 
@@ -82,7 +82,7 @@ def test_smoke_matrix_through_model_folder(checkpoints, tmp_path, name, capsys):
     code = main(["--suite", "docvqa", "--preset", "smoke", "--targets", "qv", "--vision", "frozen,vpm-lora",
                  "--limit", "16", "--model", str(checkpoints / name), "--out", str(out)])
     assert code == 0, capsys.readouterr().err[-2000:]
-    records = [json.loads(p.read_text()) for p in (out / "records" / "docvqa").glob("*.json")]
+    records = [read_record(p) for p in record_files(out / "records" / "docvqa", "")]
     cells = [r for r in records if r["kind"] == "cell"]
     assert len(cells) == 2 and all(r["status"] == "ok" for r in cells), [r.get("error") for r in cells]
     assert all(r["train"]["steps"] == 6 and len(r["losses"]) == 6 for r in cells)

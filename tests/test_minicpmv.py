@@ -6,6 +6,7 @@ import json
 import shutil
 
 from bench.models.tiny_minicpmv import ASSET_DIR
+from bench.store import read_record, record_files
 from conftest import run_cli
 
 CONFIG = '''from transformers import PretrainedConfig
@@ -66,7 +67,7 @@ def test_remote_code_smoke_matrix_with_the_flag(tmp_path):
                      "--model", str(folder), "--trust-remote-code", "--out", str(out),
                      env={"HF_MODULES_CACHE": str(tmp_path / "modules")})
     assert result.returncode == 0, result.stderr[-3000:]
-    records = [json.loads(p.read_text()) for p in (out / "records" / "docvqa").glob("*.json")]
+    records = [read_record(p) for p in record_files(out / "records" / "docvqa", "")]
     cells = [r for r in records if r["kind"] == "cell"]
     assert len(cells) == 2 and all(r["status"] == "ok" for r in cells)
     assert {tuple(r["resolution"]["full"]) for r in cells} == {(), ("resampler", "vpm")}

@@ -13,11 +13,13 @@ from conftest import run_cli
 
 
 def record(suite, targets, vision, score, seed=0, mem=1000.0, speed=100.0, items=None, model="tiny-minicpmv"):
+    """A run whose validation and test agree (per-item scores ``items`` on both)."""
+    scored = lambda prefix: [{"id": f"{prefix}{i}", "score": float(s)} for i, s in enumerate(items)] if items is not None else None  # noqa: E731
     return {"kind": "cell", "suite": suite, "model": model, "data": f"{suite}-data", "metric": "anls", "status": "ok",
-            "key": f"{targets}-{vision}-{seed}", "seed": seed, "score": score, "peak_mem_mib": mem, "train_samples_per_s": speed,
-            "cell": {"targets": targets, "rank": 8, "alpha": 16.0, "vision": vision},
-            "train": {"lr": 1e-3, "lora_dropout": 0.05, "steps": 10, "batch_size": 4},
-            "items": [{"id": f"t{i}", "score": float(s)} for i, s in enumerate(items)] if items is not None else None}
+            "key": f"{targets}-{vision}-{seed}", "seed": seed, "score": score, "val_score": score, "peak_mem_mib": mem,
+            "train_samples_per_s": speed, "cell": {"targets": targets, "rank": 8, "alpha": 16.0, "vision": vision},
+            "train": {"lr": 1e-3, "lr_connector": 1e-4, "lr_vision": 1e-4, "lora_dropout": 0.05, "steps": 10, "batch_size": 4},
+            "items": scored("t"), "val_items": scored("v")}
 
 
 def distance(d):
@@ -33,15 +35,25 @@ def suite_records(suite, scores, mems=None, n_items=60, seed=0):
     return [record(suite, t, v, s, mem=mems.get(v, 1000.0), items=(u < s).astype(float)) for (t, v), s in scores.items()]
 
 
-def test_gains_are_paired_over_frozen_and_seed_averaged():
+def test_gains_are_paired_over_frozen_on_validation():
     recs = [record("a", "qk", "frozen", 0.2, seed=0), record("a", "qk", "frozen", 0.4, seed=1),
             record("a", "qk", "resampler", 0.5, seed=0), record("a", "qk", "resampler", 0.6, seed=1),
             record("a", "all", "frozen", 0.1), record("a", "all", "resampler", 0.9),
             record("a", "qv", "resampler", 0.0)]  # no frozen partner: not in the gain
     (ev,), _ = build_evidence(recs, "tiny-minicpmv")
     assert ev.gains["frozen"] == 0
-    assert ev.gains["resampler"] == pytest.approx(np.mean([0.3, 0.2, 0.8]))
+    assert ev.gains["resampler"] == pytest.approx(np.mean([0.55 - 0.3, 0.8]))  # per matched cell, seeds averaged
     assert len(ev.configs) == 5  # qk/frozen and qk/resampler average their two seeds
+
+
+def test_choices_look_at_validation_and_records_without_it_are_set_aside():
+    recs = [record("a", "qk", "frozen", 0.2), record("a", "qk", "resampler", 0.5)]
+    recs[1] = {**recs[1], "score": 0.9, "val_score": 0.1}  # best on test, worst on validation
+    old = {**record("a", "all", "resampler", 0.99), "key": "old"}
+    del old["val_score"]
+    (ev,), notes = build_evidence(recs + [old], "tiny-minicpmv")
+    assert ev.best.vision == "frozen" and ev.gains["resampler"] == pytest.approx(-0.1)
+    assert any("before the validation split" in n for n in notes) and len(ev.configs) == 2
 
 
 def test_other_models_records_are_refused():
@@ -117,7 +129,9 @@ def my_images(tmp_path_factory):
 
 
 def test_recommend_end_to_end(two_suites, my_images, tmp_path):
-    recs = [json.loads(p.read_text()) for p in (two_suites / "records").glob("*/*.json")]
+    from bench.store import read_record, record_files
+
+    recs = [read_record(p) for p in record_files(two_suites / "records")]
     cells = [r for r in recs if r["kind"] == "cell"]
     budget = sorted(r["peak_mem_mib"] for r in cells)[-1] + 1
     out = tmp_path / "rec"

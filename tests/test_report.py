@@ -6,93 +6,76 @@ import math
 from rich.console import Console
 
 from bench import report
+from bench import verdict as verdicts
 
 MACHINE = {"processor": "x86_64", "torch_threads": 2, "cpu_count": 2, "platform": "Linux"}
 
 
-def record(targets, vision, seed, score, rank=8):
+def items(scores, prefix="t"):
+    return [{"id": f"{prefix}{i}", "prediction": "", "score": float(s)} for i, s in enumerate(scores)]
+
+
+def record(targets, vision, seed, score, rank=8, lr=1e-3, val=None, n=40, suite="docvqa"):
+    """A run whose per-item scores average exactly ``score`` (test) and ``val`` (validation)."""
+    val = score if val is None else val
+    ones = round(score * n)
     return {
-        "suite": "docvqa", "model": "tiny", "kind": "cell", "metric": "anls", "status": "ok",
+        "suite": suite, "model": "tiny", "kind": "cell", "metric": "anls", "status": "ok",
         "cell": {"targets": targets, "rank": rank, "alpha": 2.0 * rank, "vision": vision},
-        "seed": seed, "score": score, "trainable_params": 1000, "peak_mem_mib": 900.0,
-        "train_samples_per_s": 100.0, "eval_items_per_s": 300.0, "losses": [1.0, 0.5],
-        "key": f"{targets}-{vision}-{seed}", "machine": MACHINE, "versions": {"torch": "x"},
+        "train": {"steps": 10, "batch_size": 4, "lr": lr, "lr_connector": lr / 10, "lr_vision": lr / 10, "lora_dropout": 0.05},
+        "seed": seed, "score": ones / n, "val_score": round(val * n) / n, "trainable_params": 1000, "peak_mem_mib": 900.0,
+        "train_samples_per_s": 100.0, "eval_items_per_s": 300.0, "losses": [1.0, 0.5], "plateaued": True,
+        "items": items([1] * ones + [0] * (n - ones)), "val_items": items([1] * round(val * n) + [0] * (n - round(val * n)), "v"),
+        "key": f"{targets}-{vision}-{lr}-{seed}-{suite}", "machine": MACHINE, "versions": {"torch": "x"},
     }
 
 
+BASE = {**record("qv", "frozen", None, 0.1), "kind": "base", "cell": None, "train": None, "key": "base"}
 RECORDS = [
-    {**record("qv", "frozen", None, 0.1), "kind": "base", "cell": None, "key": "base"},
-    record("qv", "frozen", 0, 0.30), record("qv", "frozen", 1, 0.34), record("qv", "frozen", 2, 0.32),
-    record("all", "resampler", 0, 0.70), record("all", "resampler", 1, 0.74), record("all", "resampler", 2, 0.72),
+    BASE,
+    record("qv", "frozen", 0, 0.30), record("qv", "frozen", 1, 0.35), record("qv", "frozen", 2, 0.325),
+    record("all", "resampler", 0, 0.70), record("all", "resampler", 1, 0.75), record("all", "resampler", 2, 0.725),
+    # the same cells at a worse rate: never reported, only seen in the sweep
+    record("all", "resampler", 0, 0.60, lr=1e-2), record("all", "resampler", 1, 0.60, lr=1e-2),
+    record("all", "resampler", 2, 0.60, lr=1e-2),
 ]
 
 
-def test_cell_table_means_and_t_intervals():
-    cells = report.cell_table(report.frame(RECORDS))
-    best = cells.iloc[0]
-    assert (best.target_set, best.vision_policy, best.seeds) == ("all", "resampler", 3)
-    assert math.isclose(best.score, 0.72)
-    # t(0.975, 2) = 4.303; sd = 0.02; half-width = 4.303 * 0.02 / sqrt(3)
-    assert math.isclose(best.ci_high - best.score, 4.3027 * 0.02 / math.sqrt(3), rel_tol=1e-3)
+def test_csv_rows_carry_validation_rates_and_the_chosen_flag():
+    df = report.frame(RECORDS)
+    for column in ("val_score", "score", "lr", "lr_connector", "lr_vision", "chosen", "plateaued"):
+        assert column in df.columns
+    chosen = df[(df.kind == "cell") & df.chosen]
+    assert set(chosen.lr) == {1e-3} and len(chosen) == 6
 
 
-def test_markdown_names_best_cell_base_and_effects():
-    text = report.markdown(report.frame(RECORDS), RECORDS, "python run_bench.py --suite docvqa", {"steps": 5})
-    assert "**Best cell:** `all-r8-a16-resampler` with anls 0.720" in text
-    assert "**Base model (no tuning):** anls 0.100" in text
+def test_markdown_names_best_cell_set_base_and_effects():
+    text = report.markdown(RECORDS, "python run_bench.py --suite docvqa", {"steps": 5})
+    assert "**Best cell (validation):** `all-r8-a16-resampler` at lr 0.001" in text
+    assert "test 0.725" in text
+    assert "**Confidence set of the best (95%, validation):** 1 of 2 cells" in text
+    assert "**Base model (no tuning):** test anls 0.100" in text
     assert "**vision policy**" in text and "**target set**" in text
-    assert "Runs: 6 ok" in text
+    assert "Runs: 9 ok" in text
+    assert "### Learning rate sweep" in text and "(edge)" in text  # best rate 1e-3 is the low end of {1e-3, 1e-2}
+    assert "seed noise is not measured" not in text
 
 
 def test_terminal_table_fits_80_columns():
     buffer = io.StringIO()
-    report.terminal_table(report.frame(RECORDS), Console(file=buffer, width=80))
+    report.terminal_table(verdicts.judge(RECORDS), RECORDS, Console(file=buffer, width=80))
     lines = buffer.getvalue().splitlines()
     assert max(len(line) for line in lines) <= 80
-    assert any("0.720" in line and "resampler" in line and "0.050" in line for line in lines)
+    assert any("0.725" in line and "resampler" in line for line in lines)
     assert "…" not in buffer.getvalue()  # nothing truncated
 
 
-def with_items(rec, scores):
-    return {**rec, "items": [{"id": f"t{i}", "prediction": "", "score": s} for i, s in enumerate(scores)]}
-
-
-def test_paired_comparison_finds_real_differences_and_not_noise():
-    import numpy as np
-    import pandas as pd
-
-    from bench import stats
-
-    rng = np.random.default_rng(0)
-    a = pd.Series(rng.integers(0, 2, 400).astype(float))
-    better = a.copy()
-    better[a == 0] = rng.integers(0, 2, int((a == 0).sum())) * (rng.random(int((a == 0).sum())) < 0.5)
-    same = stats.paired_comparison(a, a)
-    assert same["diff"] == 0 and same["p_value"] == 1.0
-    up = stats.paired_comparison(a, better)
-    assert up["diff"] > 0 and up["low"] > 0 and up["p_value"] < 0.01
-    # A relabelled copy of the same scores differs only by item noise around zero.
-    shuffled = pd.Series(rng.permutation(a.to_numpy()))
-    noise = stats.paired_comparison(a, shuffled)
-    assert noise["low"] <= 0 <= noise["high"]
-
-
-def test_markdown_marks_cells_within_noise_of_best():
-    rng = __import__("numpy").random.default_rng(1)
-    best = (rng.random(300) < 0.7).astype(float)
-    close = best.copy()
-    close[:3] = 1 - close[:3]  # three items flipped: indistinguishable
-    far = (rng.random(300) < 0.3).astype(float)
-    records = [RECORDS[0],
-               with_items(record("all", "resampler", 0, best.mean()), best),
-               with_items(record("qv", "resampler", 0, close.mean()), close),
-               with_items(record("qk", "frozen", 0, far.mean()), far)]
-    text = report.markdown(report.frame(records), records, "cmd", {})
-    cells = text[text.index("### Cells"):text.index("### Main effects")]
-    rows = {line.split("|")[1].strip(): line for line in cells.splitlines() if line.startswith("| q")}
-    assert "≈ best" in rows["qv"]
-    assert "≈ best" not in rows["qk"] and "p=0.00" in rows["qk"]
-    assert "**target set x vision policy**" in text and "**rank x target set**" not in text
+def test_one_seed_says_seed_noise_is_unmeasured_and_claims_no_equivalence():
+    one = [BASE, record("all", "resampler", 0, 0.70), record("qv", "resampler", 0, 0.70)]
+    text = report.markdown(one, "cmd", {})
+    assert "seed noise is not measured" in text
+    rows = [line for line in text.splitlines() if line.startswith("| qv-r8")]
+    assert rows and "not shown different" in rows[0] and "equivalent" not in rows[0]  # identical scores, one seed
 
 
 def test_heatmap_is_written_and_linked(tmp_path):
@@ -101,7 +84,8 @@ def test_heatmap_is_written_and_linked(tmp_path):
     from PIL import Image
 
     records = RECORDS + [record("all", "frozen", 0, 0.5), record("qv", "resampler", 0, 0.6)]
-    spec = SimpleNamespace(out=tmp_path, alpha_rule="2r", train=SimpleNamespace(steps=1, batch_size=1, lr=1e-3, lora_dropout=0.0))
+    train = SimpleNamespace(steps=1, batch_size=1, lr=1e-3, lr_connector=1e-4, lr_vision=1e-4, lora_dropout=0.0)
+    spec = SimpleNamespace(out=tmp_path, alpha_rule="2r", train=train, settings=[train], margin=0.01, search=None, suites=("docvqa",))
     report.write_all(records, spec, Console(file=io.StringIO()))
     assert "](heatmap-docvqa.png)" in (tmp_path / "results.md").read_text()
     with Image.open(tmp_path / "heatmap-docvqa.png") as image:
@@ -109,13 +93,15 @@ def test_heatmap_is_written_and_linked(tmp_path):
 
 
 def test_cross_suite_table_has_base_row():
-    other = [{**r, "suite": "shapes", "metric": "vqa_accuracy", "score": (r["score"] or 0) / 2, "key": r["key"] + "-s"} for r in RECORDS]
+    other = [record("qv", "frozen", 0, 0.15, suite="shapes"), record("all", "resampler", 0, 0.35, suite="shapes"),
+             {**record("qv", "frozen", None, 0.05, suite="shapes"), "kind": "base", "cell": None, "train": None, "key": "base-s"}]
     records = RECORDS + other
-    table = report.cross_suite(report.frame(records))
+    judged = verdicts.judge(records)
+    table = report.cross_suite(judged, verdicts.base_scores(records))
     assert list(table.columns) == ["docvqa", "shapes"]
     assert table.index[0] == "all-r8-a16-resampler" and table.index[-1] == "(base model)"
     assert abs(table.loc["(base model)", "shapes"] - 0.05) < 1e-9
-    assert "## Across suites" in report.markdown(report.frame(records), records, "cmd", {})
+    assert "## Across suites" in report.markdown(records, "cmd", {})
 
 
 def test_importance_with_scores_that_never_vary():

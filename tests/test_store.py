@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from bench.store import Store, atomic_write_text
+from bench.store import SCHEMA, Store, atomic_write_text, read_record
 
 
 def test_atomic_write_replaces_whole_file(tmp_path):
@@ -38,7 +38,20 @@ def test_store_round_trip_and_done_status(tmp_path):
     assert store.is_done("docvqa", "qkv-s0-abc")  # divergence is deterministic: not retried
     assert not store.is_done("docvqa", "missing")
     assert {r["key"] for r in store.all()} == {"qv-s0-abc", "qk-s0-abc", "qkv-s0-abc"}
-    assert json.loads(store.path("docvqa", "qv-s0-abc").read_text())["schema"] == 1
+    assert read_record(store.path("docvqa", "qv-s0-abc"))["schema"] == SCHEMA
+
+
+def test_records_are_compressed_deterministic_and_old_plain_files_still_read(tmp_path):
+    store = Store(tmp_path)
+    record = {"key": "k", "suite": "s", "status": "ok", "items": [{"id": f"t{i}", "prediction": "12", "score": 1.0} for i in range(500)]}
+    first = store.put(record).read_bytes()
+    assert store.put(record).read_bytes() == first  # no timestamp in the gzip header
+    assert len(first) < len(json.dumps(record)) / 5
+    legacy = store.records_dir / "s" / "old.json"
+    legacy.write_text(json.dumps({"key": "old", "suite": "s", "status": "ok", "schema": 1}))
+    assert store.is_done("s", "old") and {r["key"] for r in store.all()} == {"k", "old"}
+    store.put({"key": "old", "suite": "s", "status": "ok"})  # rewritten: the plain file gives way to the compressed one
+    assert not legacy.exists() and store.get("s", "old")["schema"] == SCHEMA
 
 
 def test_leftover_temporaries_are_ignored_and_cleaned(tmp_path):

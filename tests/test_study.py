@@ -1,6 +1,5 @@
 """Several worker processes on one study: every run exactly once, and a killed worker's run is retried."""
 
-import json
 import os
 import signal
 import subprocess
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.store import read_record, record_files
 from tests.conftest import ROOT
 
 SMOKE = ["--suite", "shapes", "--preset", "smoke", "--limit", "24"]
@@ -40,10 +40,10 @@ def _check_complete(out, n_runs):
     executed = [t.user_attrs["run"] for t in trials if t.user_attrs.get("executed")]
     assert sorted(executed) == sorted(runs), "every run executed exactly once"
     assert {t.user_attrs["run"] for t in trials if t.state.name == "COMPLETE"} == runs, "no holes"
-    records = sorted((out / "records" / "shapes").glob("*.json"))
+    records = record_files(out / "records" / "shapes", "")
     assert len(records) == n_runs + 1  # + the base model
     for path in records:
-        json.loads(path.read_text())
+        assert read_record(path) is not None
     csv = (out / "results.csv").read_text().splitlines()
     assert len(csv) == n_runs + 2  # header + base + runs
     return csv
