@@ -169,12 +169,18 @@ def _cell_name(row) -> str:
     return f"{row['target_set']}-r{row['rank']}-a{row['alpha']:g}-{row['vision_policy']}"
 
 
+def _span(values) -> str:
+    values = list(values)
+    low, high = min(values), max(values)
+    return f"{low}" if low == high else f"{low}-{high}"
+
+
 def _protocol_lines(v: verdicts.SuiteVerdict, margin: float) -> list[str]:
     grid = ", ".join(f"{lr:.2g}" for lr in v.grid)
     lines = [f"Protocol: every choice below (each cell's learning rate, the best cell, the confidence set of the best) "
              f"looks at the validation split only; test is reported, never chosen on. LoRA learning rates tried per "
-             f"cell: {grid} (fully trained parts at their declared ratio); seeds per cell: "
-             f"{min(c.seeds for c in v.cells)}-{max(c.seeds for c in v.cells)}. Intervals resample seeds and items "
+             f"cell: {grid} (fully trained parts at their declared ratio); seeds per cell: {_span(c.seeds for c in v.cells)}. "
+             f"Intervals resample seeds and items "
              f"(95%); \"equivalent\" needs the 90% interval of a difference inside +-{margin:g} (TOST).", ""]
     if v.seeds < 2:
         lines += ["**One seed per cell: seed noise is not measured.** Intervals and the confidence set below hold item "
@@ -220,8 +226,8 @@ def suite_markdown(v: verdicts.SuiteVerdict, metric: str, base: tuple, margin: f
         "vs best on test": ["(best)" if k == v.best.key else (_comparison(v.vs_best[k]) if k in v.vs_best else "") for k in cells.key],
         "plateaued": [f"{p}/{n}" if n else "" for p, n in zip(cells.plateaued, cells.curves)],
         "trainable": cells.trainable_params,
-        "peak MiB": cells.peak_mem_mib,
-        "samples/s": cells.train_samples_per_s,
+        "peak MiB": [f"{x:.0f}" for x in cells.peak_mem_mib],
+        "samples/s": [f"{x:.0f}" for x in cells.train_samples_per_s],
     })
     lines += ["### Cells (best validation score first; each at its best learning rate on validation)", ""]
     lines += ["*vs best on test*: the cell minus the validation-chosen best on the same test items, 95% interval over "
@@ -240,7 +246,7 @@ def suite_markdown(v: verdicts.SuiteVerdict, metric: str, base: tuple, margin: f
                  "range over pairs": f"{f.spread[0]:+.3f} to {f.spread[1]:+.3f}", "verdict": f.comparison.verdict}
                 for f in findings]
         lines += ["### Findings (test; each contrast averages cells that match on every other factor)", "",
-                  pd.DataFrame(rows).to_markdown(index=False), ""]
+                  pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True), ""]
     lines += ["### Main effects (mean test score per level, over the other factors)", ""]
     for factor, title in FACTORS.items():
         effects = main_effects(cells, factor)

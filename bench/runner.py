@@ -149,13 +149,13 @@ class Session:
 
     def runs(self) -> list[tuple[SuiteRun, Cell, TrainSettings, int]]:
         """Every run of the matrix (suite x cell x learning rate x seed), in a stable order."""
-        return [(sr, cell, train, seed) for sr in self.suite_runs.values() for cell in self.spec.cells
-                for train in self.spec.settings for seed in self.spec.seeds]
+        return [(sr, cell, settings, seed) for sr in self.suite_runs.values() for cell in self.spec.cells
+                for settings in self.spec.settings for seed in self.spec.seeds]
 
     def keys(self) -> dict[str, set[str]]:
         keys = {sr.suite.name: {sr.base_key()} for sr in self.suite_runs.values()}
-        for sr, cell, train, seed in self.runs():
-            keys[sr.suite.name].add(sr.key(self.spec, cell, seed, train))
+        for sr, cell, settings, seed in self.runs():
+            keys[sr.suite.name].add(sr.key(self.spec, cell, seed, settings))
         return keys
 
     def base(self, sr: SuiteRun, progress: Progress) -> dict:

@@ -84,14 +84,18 @@ def _ok_cells(records: list[dict]) -> list[dict]:
 
 
 def choose_rates(records: list[dict]) -> dict[tuple, CellResult]:
-    """Each cell at its best setting on validation (mean over that setting's seeds)."""
+    """Each cell at its best setting on validation (mean over that setting's seeds). A setting whose
+    loss diverged on any seed is not chosen (its surviving seeds would flatter it), unless every
+    setting of the cell diverged somewhere."""
     grouped: dict[tuple, dict[tuple, list[dict]]] = {}
     for r in _ok_cells(records):
         grouped.setdefault(cell_key(r), {}).setdefault(setting_key(r), []).append(r)
+    diverged = {(cell_key(r), setting_key(r)) for r in records if r.get("kind") == "cell" and r.get("status") == "diverged"}
     out = {}
     for key, settings in grouped.items():
         means = {s: float(np.mean([r["val_score"] for r in runs])) for s, runs in settings.items()}
-        chosen = max(sorted(means), key=lambda s: means[s])  # ties: the lower rate (sorted first)
+        eligible = [s for s in sorted(means) if (key, s) not in diverged] or sorted(means)
+        chosen = max(eligible, key=lambda s: means[s])  # ties: the lower rate (sorted first)
         rates = sorted({s[0] for s in settings})
         by_rate = {}
         for s, runs in settings.items():

@@ -1,7 +1,6 @@
 """Reports are pure functions of records: check the tables against hand-made records."""
 
 import io
-import math
 
 from rich.console import Console
 

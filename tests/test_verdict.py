@@ -41,3 +41,11 @@ def test_findings_contrast_matched_cells():
     resampler = found["resampler vs frozen"]
     assert resampler.pairs == 2 and abs(resampler.comparison.diff - 0.4) < 0.03
     assert found["all linear vs attention"].comparison is None  # no matched pair in this matrix
+
+
+def test_a_rate_that_diverged_on_some_seed_is_not_chosen():
+    runs = [record("qv", "frozen", s, score=0.3, val=0.3, lr=1e-3) for s in (0, 1)]
+    runs += [record("qv", "frozen", 0, score=0.9, val=0.9, lr=1e-2),  # one lucky seed...
+             {**record("qv", "frozen", 1, score=0.0, lr=1e-2), "status": "diverged", "val_score": None, "score": None}]
+    (cell,) = verdict.choose_rates(runs).values()
+    assert cell.lr == 1e-3  # ...of a rate whose other seed diverged
