@@ -20,7 +20,8 @@ from bench.errors import BenchError
 from bench.space import PRESETS, TARGET_SETS, VISION_POLICIES
 
 EPILOG = """examples:
-  python run_bench.py --suite docvqa                      # default: 5 target sets x 4 vision policies x 3 rates x 3 seeds
+  python run_bench.py --suite docvqa                      # default: 5 target sets x 4 vision policies x 3 rates x 3 seeds, raced
+  python run_bench.py --suite docvqa --protocol exhaustive # the same matrix, every run to the end
   python run_bench.py --suite docvqa --preset smoke       # a first look in under a minute
   python run_bench.py --suite docvqa --targets qk,qv --ranks 4,16 --vision frozen,resampler --seeds 0,1,2 --lrs 1e-3,3e-3
   python run_bench.py --suite docvqa --param-budget 20000  # target sets compared at equal LoRA parameter counts
@@ -61,6 +62,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--val-items", type=int, help="validation items per suite, carved from the training pool (generated suites)")
     p.add_argument("--param-budget", type=int, help="LLM LoRA parameters per cell: each target set gets the rank that "
                    "matches it (the LoRA paper's fixed-budget comparison); replaces --ranks")
+    p.add_argument("--protocol", help="race (default): rates raced at half the steps, more seeds only for cells that "
+                   "could still be the best (bench/race.py); exhaustive: every cell x rate x seed to the end")
     p.add_argument("--equivalence-margin", type=float, help="differences within +-this (score units) count as equivalent "
                    "when a 90%% interval shows it (TOST; default 0.01)")
     p.add_argument("--data", help="a real dataset (file or folder: TextVQA/DocVQA/ChartQA JSON, or parquet shards) instead of the suite's generator")

@@ -18,6 +18,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from bench import race
 from bench import verdict as verdicts
 from bench.machine import one_line
 from bench.stats import MARGIN
@@ -198,7 +199,31 @@ def _protocol_lines(v: verdicts.SuiteVerdict, margin: float) -> list[str]:
     return lines
 
 
-def suite_markdown(v: verdicts.SuiteVerdict, metric: str, base: tuple, margin: float, source: str | None) -> list[str]:
+def _score(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x:.3f}"
+
+
+def race_lines(p, metric: str) -> list[str]:
+    """The race's account: what it spent against the exhaustive protocol, and each cell that left."""
+    share = p.spent_steps / p.exhaustive_steps if p.exhaustive_steps else 0.0
+    lines = ["### Racing (bench/race.py)", "",
+             f"Training steps spent: {p.spent_steps:,} of the exhaustive protocol's {p.exhaustive_steps:,} ({share:.0%}). "
+             f"Learning rates: every rate trains to the rung (half the steps), the better half (at least two) go on to "
+             f"the end, the best of those at the end is the cell's rate. Seeds: every cell runs {race.MIN_SEEDS}; a further "
+             f"seed runs only for cells still in the 95% confidence set of the best on validation.", ""]
+    if p.exits:
+        rows = [{"cell": e.cell.name, "left after seeds": e.seeds, "steps spent": f"{e.steps:,}",
+                 f"val {metric} then": f"{e.val[0]:.3f} {_ci(e.val[1], e.val[2])}",
+                 "best then": f"{e.best_cell.name} {e.best[0]:.3f} {_ci(e.best[1], e.best[2])}"} for e in p.exits]
+        lines += ["Cells that left the race (shown worse than another cell on validation):", "",
+                  pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True), ""]
+    else:
+        lines += ["No cell left the race early: every cell ran every seed.", ""]
+    return lines
+
+
+def suite_markdown(v: verdicts.SuiteVerdict, metric: str, base: tuple, margin: float, source: str | None,
+                   race=None) -> list[str]:
     lines = [f"## {v.suite} ({metric})", ""]
     if source:
         lines += [f"Data: {source}", ""]
@@ -235,9 +260,13 @@ def suite_markdown(v: verdicts.SuiteVerdict, metric: str, base: tuple, margin: f
               "Validation scores are each cell's best over the rate grid, so they are optimistic; test scores are not.", ""]
     lines += [shown.to_markdown(index=False, floatfmt=".3f"), ""]
     if len(v.grid) > 1:
-        rates = pd.DataFrame({f"{lr:.2g}": [c.by_rate.get(lr, (math.nan, 0))[0] for c in v.cells] for lr in v.grid},
+        rates = pd.DataFrame({f"{lr:.2g}": [_score(c.by_rate.get(lr, (math.nan,))[0]) for c in v.cells] for lr in v.grid},
                              index=[verdicts.cell_name(c.key) for c in v.cells])
-        lines += ["### Learning rate sweep (validation score, mean over seeds)", "", rates.to_markdown(floatfmt=".3f"), ""]
+        lines += ["### Learning rate sweep (validation score, mean over seeds)", "",
+                  *(["-: stopped at the racing rung (its score there trailed), so no final score."] if race else []), "",
+                  rates.to_markdown(disable_numparse=True), ""]
+    if race is not None:
+        lines += race_lines(race, metric)
     findings = [f for f in v.findings if f.comparison is not None]
     if findings:
         rows = [{"claim": f.claim.name, "source": f.claim.source, "contrast": f"{f.claim.a} - {f.claim.b}",
@@ -265,7 +294,8 @@ def suite_markdown(v: verdicts.SuiteVerdict, metric: str, base: tuple, margin: f
 
 
 def markdown(records: list[dict], command: str, settings: dict, margin: float = MARGIN,
-             judged: dict | None = None) -> str:
+             judged: dict | None = None, racing: tuple | None = None) -> str:
+    """``racing``: (cells, lrs, seeds, steps) of a raced matrix, for its account per suite."""
     judged = verdicts.judge(records, margin) if judged is None else judged
     bases = verdicts.base_scores(records)
     first = records[0] if records else {}
@@ -277,13 +307,18 @@ def markdown(records: list[dict], command: str, settings: dict, margin: float = 
     if settings:
         lines += ["Per run: " + ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None), ""]
     cells = [r for r in records if r.get("kind") == "cell"]
-    bad = [r for r in cells if r.get("status") != "ok"]
-    lines += [f"Runs: {len(cells) - len(bad)} ok" + (f", {len(bad)} not ok (listed at the end)" if bad else ""), ""]
+    bad = [r for r in cells if r.get("status") not in ("ok", "raced")]
+    raced = [r for r in cells if r.get("status") == "raced"]
+    lines += [f"Runs: {len(cells) - len(bad) - len(raced)} ok" + (f", {len(raced)} stopped at the racing rung" if raced else "")
+              + (f", {len(bad)} not ok (listed at the end)" if bad else ""), ""]
     for suite in sorted({r["suite"] for r in records}):
         metric = next(r["metric"] for r in records if r["suite"] == suite)
         source = next((r.get("data_source") for r in records if r.get("suite") == suite and r.get("data_source")), None)
         v = judged.get(suite) or verdicts.SuiteVerdict(suite, [], None, set(), None, None)
-        lines += suite_markdown(v, metric, bases.get(suite, (None, None)), margin, source)
+        plan = None
+        if racing is not None:
+            plan = race.plan([r for r in records if r.get("suite") == suite], *racing)
+        lines += suite_markdown(v, metric, bases.get(suite, (None, None)), margin, source, plan)
     if len(judged) > 1:
         lines += ["## Across suites (test score, each cell at its best rate on that suite's validation)", "",
                   cross_suite(judged, bases).to_markdown(floatfmt=".3f"), ""]
@@ -342,7 +377,10 @@ def write_all(records: list[dict], spec, console: Console, study=None) -> None:
                 "lora_dropout": spec.train.lora_dropout, "alpha_rule": spec.alpha_rule,
                 "param_budget": getattr(spec, "param_budget", None)}
     atomic_write_text(out / "results.csv", frame(records).to_csv(index=False, float_format="%.6g"))
-    text = markdown(records, command, settings, margin, judged)
+    racing = None
+    if getattr(spec, "protocol", None) == "race" and not spec.search:
+        racing = (list(spec.cells), sorted(t.lr for t in spec.settings), list(spec.seeds), spec.train.steps)
+    text = markdown(records, command, settings, margin, judged, racing)
     if study is not None and spec.search:
         text += "\n" + search_markdown(study, spec)
         if len(spec.objectives) > 1 and any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)):

@@ -167,14 +167,23 @@ class Session:
         return record
 
     def run(self, sr: SuiteRun, cell: Cell, seed: int, progress: Progress, train: TrainSettings | None = None,
-            on_val=None, fractions=CURVE) -> dict:
+            on_val=None, fractions=CURVE, until: int | None = None) -> dict:
         """``train`` overrides the matrix's reference settings (a grid rate, a search trial);
         ``on_val(step, score)`` sees each validation checkpoint and may raise ``optuna.TrialPruned`` to
-        stop the run early (recorded as ``pruned``)."""
+        stop the run early (recorded as ``pruned``). ``until``: a racing rung: train to that step and
+        pause (state under ``<out>/.paused/``); a later call without ``until`` goes on from there."""
         self.executed = False
-        record = self.store.get(sr.suite.name, sr.key(self.spec, cell, seed, train))
-        if record is not None and self.store.is_done(sr.suite.name, record["key"]):
+        key = sr.key(self.spec, cell, seed, train)
+        record = self.store.get(sr.suite.name, key)
+        if record is not None and self.store.is_done(sr.suite.name, key):
             return record
+        if record is not None and until is not None and record.get("status") in ("paused", "raced") \
+                and record.get("steps_trained") == until:
+            return record
+        paused = None
+        if until is None and record is not None and record.get("status") == "paused":
+            state = self.store.load_paused(sr.suite.name, key)
+            paused = (record, state) if state is not None else None  # no state (another machine paused it): from the start
         self.executed = True
         if self._examples is None or self._examples[0] != sr.suite.name:
             self._examples = None  # free the previous suite's examples first
@@ -184,9 +193,11 @@ class Session:
             self.resolutions[cell] = resolve(self.adapter.model, self.adapter.roles, cell)
         record = _one_run(self.spec, self.adapter, sr, cell, seed, self.resolutions[cell], self._examples[1],
                           self.accelerator, progress, self.context, on_val, train or self.spec.train, self.vision_cache,
-                          fractions)
+                          fractions, until, paused, on_pause=lambda state: self.store.save_paused(sr.suite.name, key, state))
         self.store.put(record)
-        if record["status"] != "ok":
+        if record["status"] != "paused":
+            self.store.drop_paused(sr.suite.name, key)
+        if record["status"] not in ("ok", "paused"):
             progress.console.print(f"[yellow]{cell.name} seed {seed}: {record['status']}: {record['error']}[/yellow]")
         return record
 
@@ -231,10 +242,17 @@ def with_budget_ranks(spec: Spec, adapter) -> Spec:
 def _print_plan(console, spec: Spec, adapter, resolutions) -> None:
     rates = ", ".join(f"{t.lr:g}" for t in spec.settings)
     console.print(
-        f"[bold]{spec.n_runs} runs[/bold] = {len(spec.suites)} suite(s) x {len(spec.cells)} cells x {len(spec.settings)} "
+        f"[bold]{'up to ' if spec.protocol == 'race' and not spec.search else ''}{spec.n_runs} runs[/bold] = {len(spec.suites)} suite(s) x {len(spec.cells)} cells x {len(spec.settings)} "
         f"learning rate(s) ({rates}) x {len(spec.seeds)} seed(s); model {adapter.display_name()}; "
         f"{spec.train.steps} steps x batch {spec.train.batch_size} per run; device {spec.device}"
     )
+    if spec.protocol == "race" and not spec.search and spec.n_runs > len(spec.suites) * len(spec.cells):
+        from bench import race
+
+        exhaustive = spec.n_runs * spec.train.steps
+        console.print(f"[dim]  racing (--protocol race): every rate to step {race.rung_step(spec.train.steps)}, the better "
+                      f"{race.survivors_at_rung(len(spec.settings))} on to the end; {race.MIN_SEEDS} seeds per cell, more "
+                      f"only while a cell could be the best; the exhaustive protocol would train {exhaustive:,} steps[/dim]")
     if spec.param_budget is not None:
         ranks = ", ".join(f"{t} r{r}" for t, r in dict.fromkeys((c.targets, c.rank) for c in spec.cells))
         console.print(f"[dim]  --param-budget {spec.param_budget:,}: {ranks}[/dim]")
@@ -287,9 +305,12 @@ def _evaluate(spec, adapter, model, sr: SuiteRun, accelerator, progress, label: 
 
 def _one_run(spec: Spec, adapter, sr: SuiteRun, cell: Cell, seed: int, resolution, examples, accelerator, progress, context,
              on_val=None, settings: TrainSettings | None = None, vision_cache: VisionCache | None = None,
-             fractions=CURVE) -> dict:
+             fractions=CURVE, until: int | None = None, paused: tuple[dict, dict] | None = None, on_pause=None) -> dict:
     """Train one run, score validation at the curve's checkpoints and at the end, then score test.
-    Test is scored once, after training, and nothing downstream chooses on it."""
+    Test is scored once, after training, and nothing downstream chooses on it.
+
+    ``until``: pause after that step (a racing rung, bench/race.py) and record the run as ``paused``,
+    handing the training state to ``on_pause``; ``paused``: (the paused record, its state) to go on from."""
     import optuna
 
     settings = settings or spec.train
@@ -304,7 +325,9 @@ def _one_run(spec: Spec, adapter, sr: SuiteRun, cell: Cell, seed: int, resolutio
     peft_model = attach(adapter.model, resolution, cell, settings.lora_dropout, seed)
     label = f"{cell.name} lr {settings.lr:g} s{seed}"
     steps_task = progress.add_task(f"  train {label}", total=settings.steps, info="")
-    curve: list[list] = []
+    prior, state = paused or ({}, None)
+    curve: list[list] = [list(c) for c in prior.get("val_curve") or []]
+    wall -= prior.get("wall_s") or 0.0  # a resumed run's wall time counts both legs
     try:
         trained = [0]
 
@@ -319,10 +342,20 @@ def _one_run(spec: Spec, adapter, sr: SuiteRun, cell: Cell, seed: int, resolutio
                 on_val(step, score)
 
         frozen = encoder_is_frozen(adapter.roles.vision, resolution.lora, resolution.full)
+        checkpoints = sorted({*checkpoint_steps(settings.steps, fractions), *([until] if until else [])})
         result = train(adapter, peft_model, examples, settings, seed, accelerator, on_step=step_done,
-                       vision_cache=vision_cache if frozen else None, checkpoints=checkpoint_steps(settings.steps, fractions),
-                       on_checkpoint=checkpoint)
+                       vision_cache=vision_cache if frozen else None, checkpoints=checkpoints,
+                       on_checkpoint=checkpoint, pause_at=until, resume=state)
         progress.remove_task(steps_task)
+        if result.state is not None:
+            if on_pause:
+                on_pause(result.state)
+            record.update(status="paused", error=None, score=None, val_score=None, val_curve=curve, steps_trained=until,
+                          train_s=result.train_s, losses=result.losses, peak_mem_mib=result.peak_mem_mib,
+                          trainable_params=result.trainable_params, total_params=total)
+            record["wall_s"] = time.perf_counter() - wall
+            record["finished_at"] = _now()
+            return record
         val = _evaluate(spec, adapter, peft_model, sr, accelerator, progress, f"{label} (validation)", "val")
         curve.append([settings.steps, val.score])
         evaluation = _evaluate(spec, adapter, peft_model, sr, accelerator, progress, label)

@@ -47,6 +47,7 @@ class Spec:
     lrs: tuple[float, ...] = ()  # LoRA learning rates each cell runs at (empty: train.lr alone)
     margin: float = 0.01  # equivalence margin: differences inside +-margin are "equivalent" (TOST)
     param_budget: int | None = None  # LLM LoRA parameters per cell: each target set's rank is derived
+    protocol: str = "race"  # race (bench/race.py) or exhaustive: every cell x rate x seed to the end
 
     @property
     def settings(self) -> list[TrainSettings]:
@@ -182,6 +183,11 @@ def from_args(args) -> Spec:
     if save_adapters not in MODES:
         raise BenchError(f"--save-adapters {save_adapters!r} is unknown; choose {', '.join(MODES)}")
     budget = parse_memory(args.memory_budget) if getattr(args, "memory_budget", None) else None
+    protocol = getattr(args, "protocol", None) or "race"
+    if protocol not in ("race", "exhaustive"):
+        raise BenchError(f"--protocol {protocol!r} is unknown; choose race (default) or exhaustive")
+    if search and getattr(args, "protocol", None):
+        raise BenchError("--protocol applies to the matrix; --search runs its own trials (drop one of them)")
     if train.warmup_steps > train.steps:
         train = dataclasses.replace(train, warmup_steps=max(1, train.steps // 10))
     return Spec(
@@ -210,6 +216,7 @@ def from_args(args) -> Spec:
         lrs=tuple(dict.fromkeys(lrs)),
         margin=margin,
         param_budget=param_budget,
+        protocol=protocol,
     )
 
 

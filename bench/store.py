@@ -12,6 +12,7 @@ a process killed at any moment leaves either the old complete file or the new co
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -113,10 +114,41 @@ class Store:
         path.with_suffix("").unlink(missing_ok=True)  # a plain .json of the same run, written by an earlier version
         return path
 
-    def all(self) -> list[dict]:
+    # a racing rung's training state (bench/race.py), saved before its "paused" record
+
+    def paused_path(self, suite: str, key: str) -> Path:
+        return self.out / ".paused" / suite / f"{key}.pt"
+
+    def save_paused(self, suite: str, key: str, state: dict) -> None:
+        import io
+
+        import torch
+
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write_bytes(self.paused_path(suite, key), buffer.getvalue())
+
+    def load_paused(self, suite: str, key: str) -> dict | None:
+        import torch
+
+        path = self.paused_path(suite, key)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except (OSError, EOFError, RuntimeError, ValueError):
+            return None
+
+    def drop_paused(self, suite: str, key: str) -> None:
+        path = self.paused_path(suite, key)
+        path.unlink(missing_ok=True)
+        for folder in (path.parent, path.parent.parent):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
+
+    def all(self, suite: str | None = None) -> list[dict]:
         if not self.records_dir.is_dir():
             return []
-        return [r for r in map(read_record, record_files(self.records_dir)) if r is not None]
+        pattern = f"{suite}/" if suite else "*/"
+        return [r for r in map(read_record, record_files(self.records_dir, pattern)) if r is not None]
 
     def clean_temporaries(self) -> None:
         """Remove partial files a killed process left behind (they never replaced a record)."""

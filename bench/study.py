@@ -67,6 +67,9 @@ def study_name(session) -> str:
         identity.update(objectives=list(spec.objectives), budget=spec.memory_budget_mib, sampler_seed=spec.sampler_seed,
                         pruner=spec.pruner)
         return f"search-{digest(identity)}"
+    if spec.protocol == "race":
+        identity["protocol"] = "race"
+        return f"{spec.preset}-race-{digest(identity)}"
     return f"{spec.preset}-{digest(identity)}"
 
 
@@ -123,7 +126,13 @@ class Worker:
         self.session, self.spec, self.progress = session, session.spec, progress
         self.storage = make_storage(self.spec)
         self.name = study_name(session)
-        self.runs = {sr.key(self.spec, cell, seed, train): (sr, cell, seed, train) for sr, cell, train, seed in session.runs()}
+        self.racing = self.spec.protocol == "race" and not self.spec.search
+        # run id -> (suite run, cell, seed, settings, pause step); racing adds runs as its plan reveals them
+        self.runs = {} if self.racing else \
+            {sr.key(self.spec, cell, seed, train): (sr, cell, seed, train, None) for sr, cell, train, seed in session.runs()}
+        self.plans: dict = {}  # suite -> its race's latest bench.race.Plan
+        self.todo: set[str] = set()  # racing: the run ids its latest plan asks for
+        self.seen_exits: set = set()
         directions = [OBJECTIVES[o] for o in self.spec.objectives]
         if self.spec.worker:
             try:
@@ -160,6 +169,13 @@ class Worker:
             busy = {t.user_attrs["run"] for t in trials if t.state in (TrialState.WAITING, TrialState.COMPLETE)
                     or (t.state == TrialState.RUNNING and _alive(t))}
             stale = {t.user_attrs["run"] for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("stale")}
+            if self.racing:
+                self.plan_race(initial)
+                done = {t.user_attrs["run"] for t in trials if t.state == TrialState.PRUNED}
+                for key in sorted(self.todo - busy - done):
+                    sr, cell, seed, train, _ = self.runs[key]
+                    self.study.enqueue_trial(self._params(cell, train), user_attrs={"run": key, "suite": sr.suite.name, "seed": seed})
+                return
             if self.spec.search:  # a dead worker's trial is proposed again, once, with the same params
                 everything = self.study.get_trials(deepcopy=False)
                 retried = {t.user_attrs.get("retry_of") for t in everything}
@@ -167,10 +183,58 @@ class Worker:
                     if t.state == TrialState.FAIL and t.user_attrs.get("stale") and t.number not in retried:
                         self.study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
                 return
-            for key, (sr, cell, seed, train) in self.runs.items():
+            for key, (sr, cell, seed, train, _) in self.runs.items():
                 if key not in busy and (initial or key in stale):
                     # a run whose record exists completes at once when pulled, carrying its record
                     self.study.enqueue_trial(self._params(cell, train), user_attrs={"run": key, "suite": sr.suite.name, "seed": seed})
+
+    def plan_race(self, initial: bool) -> None:
+        """Ask bench/race.py what each suite needs next, from the records so far: record the rates
+        that lost at the rung as raced out, and make the runs it asks for the queue's."""
+        from bench import race
+
+        self.materialize()
+        store, spec = self.session.store, self.spec
+        rates = {t.lr: t for t in spec.settings}
+        keys = self.session.keys()
+        self.todo = set()
+        for sr in self.session.suite_runs.values():
+            records = [r for r in store.all(sr.suite.name) if r.get("key") in keys[sr.suite.name]]
+            if initial:  # a run that failed in an earlier process is tried again, once per process
+                records = [r for r in records if r.get("status") not in ("failed", "oom")]
+            p = race.plan(records, list(spec.cells), sorted(rates), list(spec.seeds), spec.train.steps)
+            for job in p.stops:
+                key = sr.key(spec, job.cell, job.seed, rates[job.lr])
+                record = store.get(sr.suite.name, key)
+                if record is not None and record.get("status") == "paused":
+                    store.put({**record, "status": "raced",
+                               "error": f"raced out at step {job.until}: its validation score there was not among the cell's best rates"})
+                store.drop_paused(sr.suite.name, key)
+            for job in p.jobs:
+                key = sr.key(spec, job.cell, job.seed, rates[job.lr])
+                run_id = key if job.until is None else f"{key}@{job.until}"
+                self.runs[run_id] = (sr, job.cell, job.seed, rates[job.lr], job.until)
+                self.todo.add(run_id)
+            for e in p.exits:
+                if (sr.suite.name, e.cell) not in self.seen_exits:
+                    self.seen_exits.add((sr.suite.name, e.cell))
+                    self.progress.console.print(
+                        f"[dim]{sr.suite.name}: {e.cell.name} leaves the race after {e.seeds} seed(s): validation "
+                        f"{e.val[0]:.3f} [{e.val[1]:.3f}, {e.val[2]:.3f}], best {e.best_cell.name} {e.best[0]:.3f} "
+                        f"[{e.best[1]:.3f}, {e.best[2]:.3f}][/dim]")
+            self.plans[sr.suite.name] = p
+
+    def _show(self) -> None:
+        if not self.racing:
+            self.progress.update(self.task, completed=self.finished())
+            return
+        spent = sum(p.spent_steps for p in self.plans.values())
+        expected = sum(p.expected_steps for p in self.plans.values())
+        exhaustive = sum(p.exhaustive_steps for p in self.plans.values())
+        parts = [f"{suite} {'rates' if p.round == 0 else f'seed {p.round + 1}'}, {len(p.alive)} cells in"
+                 for suite, p in self.plans.items()]
+        self.progress.update(self.task, total=max(expected, spent, 1), completed=spent,
+                             info=f"{'; '.join(parts)} ({spent / max(exhaustive, 1):.0%} of exhaustive)")
 
     def _params(self, cell, train) -> dict:
         return {"targets": cell.targets, "rank": cell.rank, "vision": cell.vision, "lr": train.lr}
@@ -216,13 +280,14 @@ class Worker:
         trial.suggest_categorical("lr", sorted(t.lr for t in self.spec.settings))
         key = trial.user_attrs["run"]
         other = self.duplicate_of(trial)
-        if other is not None:
-            trial.set_user_attr("duplicate_of", other)
+        if other is not None or key not in self.runs:  # key unknown: a race plan of an earlier process no longer needs it
+            trial.set_user_attr("duplicate_of" if other is not None else "obsolete", other if other is not None else True)
             self.study.tell(trial, state=TrialState.FAIL)
             return
-        sr, cell, seed, train = self.runs[key]
-        self.progress.update(self.task, info=f"{sr.suite.name}: {cell.name} lr {train.lr:g} seed {seed}")
-        record = self._run_with_heartbeat(trial, lambda: self.session.run(sr, cell, seed, self.progress, train=train))
+        sr, cell, seed, train, until = self.runs[key]
+        leg = f" to step {until}" if until else ""
+        self.progress.update(self.task, info=f"{sr.suite.name}: {cell.name} lr {train.lr:g} seed {seed}{leg}")
+        record = self._run_with_heartbeat(trial, lambda: self.session.run(sr, cell, seed, self.progress, train=train, until=until))
         self._tell(trial, record)
 
     def _tell(self, trial, record: dict) -> None:
@@ -240,7 +305,7 @@ class Worker:
         if record["status"] == "ok":  # the score Optuna sees is validation's: every choice looks at validation only
             values = {"score": record["val_score"], "memory": record["peak_mem_mib"], "throughput": record["train_samples_per_s"]}
             self.study.tell(trial, [values[o] for o in self.spec.objectives])
-        elif record["status"] == "pruned":
+        elif record["status"] in ("pruned", "paused", "raced"):  # paused: a racing rung, done with this leg
             self.study.tell(trial, state=TrialState.PRUNED)
         else:
             trial.set_user_attr("error", record.get("error"))
@@ -263,15 +328,16 @@ class Worker:
     def loop(self) -> None:
         from optuna.trial import TrialState
 
-        self.sync(initial=True)
-        recorded = sum(self.session.store.is_done(sr.suite.name, key) for key, (sr, *_) in self.runs.items())
+        recorded = sum(self.session.store.is_done(sr.suite.name, sr.key(self.spec, cell, seed, train))
+                       for sr, cell, train, seed in self.session.runs())
         if recorded:
-            self.progress.console.print(f"[dim]{recorded} of {len(self.runs)} runs already recorded in {self.spec.out}; skipping them[/dim]")
+            self.progress.console.print(f"[dim]{recorded} of {self.spec.n_runs} runs already recorded in {self.spec.out}; skipping them[/dim]")
+        self.sync(initial=True)
         for sr in self.session.suite_runs.values():
             self.base(sr)
-        self.task = self.progress.add_task("runs", total=len(self.runs), info="")
+        self.task = self.progress.add_task("race: training steps" if self.racing else "runs", total=len(self.runs) or None, info="")
         while True:
-            self.progress.update(self.task, completed=self.finished())
+            self._show()
             trial = self.next_trial()
             if trial is not None:
                 self.execute(trial)
@@ -284,7 +350,7 @@ class Worker:
             self.progress.update(self.task, info="waiting for other workers")
             time.sleep(POLL_S)
             self.sync(initial=False)
-        self.progress.update(self.task, completed=self.finished())
+        self._show()
         self.materialize()
 
     def base(self, sr) -> None:
@@ -416,12 +482,23 @@ class Worker:
             shared = self.study.user_attrs.get(f"base:{sr.suite.name}:{sr.base_key()}")
             if shared is not None:
                 _put_if_changed(store, json.loads(shared))
+        keys = self.session.keys()
         for t in self._trials((TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)):
-            if "record" not in t.user_attrs or (t.user_attrs["run"] not in self.runs and not self.spec.search):
+            if "record" not in t.user_attrs:
                 continue
             record = json.loads(t.user_attrs["record"])
-            if not store.is_done(record["suite"], record["key"]):
+            if not self.spec.search and record.get("key") not in keys.get(record.get("suite"), set()):
+                continue
+            mine = store.get(record["suite"], record["key"])
+            if mine is None or _progress(record) > _progress(mine):
                 store.put(record)
+
+
+def _progress(record: dict) -> int:
+    """How far a record has got: a racing rung's leg, then a finished run (a rate stopped at the rung
+    counts as finished: the race decided it)."""
+    status = record.get("status")
+    return 2 if status in ("ok", "diverged", "raced") else 1 if status == "paused" else 0
 
 
 def _put_if_changed(store, record: dict) -> None:

@@ -134,6 +134,7 @@ class TrainResult:
     peak_delta_mib: float
     memory_kind: str
     extra: dict = field(default_factory=dict)
+    state: dict | None = None  # set when the run paused (``pause_at``): everything :func:`train` needs to go on
 
     @property
     def samples_per_s(self) -> float:
@@ -173,13 +174,50 @@ def batch_order(n_examples: int, steps: int, batch_size: int, seed: int) -> list
     return [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
 
 
+def pause_state(peft_model, optimizer, scheduler, step: int, losses: list, tokens: int) -> dict:
+    """What a paused run needs to go on as if it never stopped: trainable weights, optimizer moments,
+    schedule position and the random generators (dropout masks), all on the CPU."""
+    cpu = lambda x: x.detach().to("cpu", copy=True) if torch.is_tensor(x) else x  # noqa: E731
+    opt = optimizer.state_dict()
+    state = {
+        "step": step, "losses": list(losses), "tokens": tokens,
+        "trainable": {n: cpu(p) for n, p in peft_model.named_parameters() if p.requires_grad},
+        "optimizer": {"state": {k: {n: cpu(v) for n, v in st.items()} for k, st in opt["state"].items()},
+                      "param_groups": opt["param_groups"]},
+        "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore(state: dict, peft_model, optimizer, scheduler) -> None:
+    params = dict(peft_model.named_parameters())
+    missing = set(state["trainable"]) ^ {n for n, p in params.items() if p.requires_grad}
+    if missing:
+        raise RuntimeError(f"paused state does not fit this run's trainable parameters ({sorted(missing)[:3]})")
+    with torch.no_grad():
+        for name, value in state["trainable"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
 def train(adapter, peft_model, examples: list[Example], settings: TrainSettings, seed: int,
-          accelerator, on_step=None, vision_cache=None, checkpoints=(), on_checkpoint=None) -> TrainResult:
+          accelerator, on_step=None, vision_cache=None, checkpoints=(), on_checkpoint=None,
+          pause_at: int | None = None, resume: dict | None = None) -> TrainResult:
     """A plain loop: AdamW (one learning rate per part: :func:`param_groups`), linear warmup then
     cosine decay, grad clipping, NaN check each step. ``vision_cache`` (a bench.vision_cache.VisionCache,
     only for cells that leave the vision encoder frozen) serves the encoder's output for batches an
     earlier cell already ran. After each step in ``checkpoints``, ``on_checkpoint(step, model)`` runs
-    (validation scores; it may raise to stop the run) with the clock paused, so throughput is training's."""
+    (validation scores; it may raise to stop the run) with the clock paused, so throughput is training's.
+
+    ``pause_at``: stop after that step (and its checkpoint) and return the state in ``result.state``;
+    ``resume``: such a state, to go on from its step. Paused and resumed, a run makes the same
+    numbers as uninterrupted (racing's rungs, bench/race.py)."""
     device = accelerator.device
     params = [p for p in peft_model.parameters() if p.requires_grad]
     trainable, total = count_parameters(peft_model)
@@ -195,13 +233,19 @@ def train(adapter, peft_model, examples: list[Example], settings: TrainSettings,
     checkpointed = _gradient_checkpointing(peft_model, settings.gradient_checkpointing)
     model, optimizer = accelerator.prepare(peft_model, optimizer)
     batches = batch_order(len(examples), steps, settings.batch_size, seed)
-    losses, tokens = [], 0
+    losses, tokens, start, before_s, before_peak, state = [], 0, 0, 0.0, 0.0, None
+    if resume is not None:
+        _restore(resume, model, optimizer, scheduler)
+        losses, tokens, start = list(resume["losses"]), resume["tokens"], resume["step"]
+        before_s, before_peak = resume["train_s"], resume["peak_mem_mib"]
     model.train()
     cached = contextlib.nullcontext() if vision_cache is None else \
         vision_cache.serving(adapter.model.get_submodule(adapter.roles.vision))
     try:
         with PeakMemory(device) as mem, Stopwatch(device) as clock, cached:
             for step, idx in enumerate(batches):
+                if step < start:
+                    continue
                 batch = adapter.train_batch([examples[i] for i in idx], device)
                 tokens += int(batch["attention_mask"].sum())
                 key = (seed, settings.batch_size, len(examples), step)
@@ -226,20 +270,26 @@ def train(adapter, peft_model, examples: list[Example], settings: TrainSettings,
                             on_checkpoint(step + 1, model)
                         finally:
                             model.train()
+                if pause_at is not None and step + 1 == pause_at and pause_at < steps:
+                    state = pause_state(model, optimizer, scheduler, step + 1, losses, tokens)
+                    break
     finally:
         accelerator.free_memory()
         for module in checkpointed:
             module.gradient_checkpointing_disable()
     model.eval()
+    if state is not None:  # the clock and the memory high-water mark are read once their blocks closed
+        state.update(train_s=before_s + clock.seconds, peak_mem_mib=max(before_peak, mem.peak_mib))
     return TrainResult(
         losses=losses,
-        train_s=clock.seconds,
-        samples=steps * settings.batch_size,
+        train_s=before_s + clock.seconds,
+        samples=len(losses) * settings.batch_size,
         tokens=tokens,
         trainable_params=trainable,
         total_params=total,
-        peak_mem_mib=mem.peak_mib,
+        peak_mem_mib=max(before_peak, mem.peak_mib),
         peak_reserved_mib=mem.reserved_mib,
         peak_delta_mib=mem.delta_mib,
         memory_kind=mem.kind,
+        state=state,
     )

@@ -86,21 +86,29 @@ def _ok_cells(records: list[dict]) -> list[dict]:
 def choose_rates(records: list[dict]) -> dict[tuple, CellResult]:
     """Each cell at its best setting on validation (mean over that setting's seeds). A setting whose
     loss diverged on any seed is not chosen (its surviving seeds would flatter it), unless every
-    setting of the cell diverged somewhere."""
+    setting of the cell diverged somewhere; nor is one run with fewer seeds than another setting of
+    the cell (under racing it lost the rate race, and one seed's score would flatter it too)."""
     grouped: dict[tuple, dict[tuple, list[dict]]] = {}
     for r in _ok_cells(records):
         grouped.setdefault(cell_key(r), {}).setdefault(setting_key(r), []).append(r)
     diverged = {(cell_key(r), setting_key(r)) for r in records if r.get("kind") == "cell" and r.get("status") == "diverged"}
+    grids: dict[tuple, set] = {}  # every rate a cell tried, those a race stopped at its rung included
+    for r in records:
+        if r.get("kind") == "cell" and r.get("cell") and r.get("status") in ("ok", "raced", "diverged"):
+            grids.setdefault(cell_key(r), set()).add(float(r["train"]["lr"]))
     out = {}
     for key, settings in grouped.items():
         means = {s: float(np.mean([r["val_score"] for r in runs])) for s, runs in settings.items()}
         eligible = [s for s in sorted(means) if (key, s) not in diverged] or sorted(means)
+        most = max(len(settings[s]) for s in eligible)  # a rate run with fewer seeds lost a race (bench/race.py)
+        eligible = [s for s in eligible if len(settings[s]) == most]
         chosen = max(eligible, key=lambda s: means[s])  # ties: the lower rate (sorted first)
-        rates = sorted({s[0] for s in settings})
+        rates = sorted(grids.get(key, set()) | {s[0] for s in settings})
         by_rate = {}
         for s, runs in settings.items():
             by_rate.setdefault(s[0], []).extend(runs)
         by_rate = {lr: (float(np.mean([r["val_score"] for r in rs])), len(rs)) for lr, rs in sorted(by_rate.items())}
+        by_rate.update({lr: (math.nan, 0) for lr in rates if lr not in by_rate})  # stopped at a racing rung
         edge = len(rates) >= 2 and chosen[0] in (rates[0], rates[-1])
         out[key] = CellResult(key, chosen, sorted(settings[chosen], key=lambda r: r.get("seed") or 0), by_rate, edge)
     return out

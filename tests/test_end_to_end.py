@@ -60,7 +60,7 @@ def _items_are_scored_with_official_anls(recs):
 
 def test_learning_rate_grid_and_seeds_choose_on_validation(tmp_path):
     out = tmp_path / "grid"
-    result = run_cli(*ONE_CELL[:-1], "0,1", "--lrs", "1e-3,1e-2", "--steps", "4", "--out", str(out))
+    result = run_cli(*ONE_CELL[:-1], "0,1", "--lrs", "1e-3,1e-2", "--steps", "4", "--out", str(out), "--protocol", "exhaustive")
     assert result.returncode == 0, result.stderr[-2000:]
     df = pd.read_csv(out / "results.csv")
     cells = df[df.kind == "cell"]
@@ -173,3 +173,23 @@ def test_param_budget_compares_target_sets_at_equal_lora_parameters(tmp_path):
     assert cells["qk"]["cell"]["rank"] == 22 and cells["all"]["cell"]["rank"] == 4
     assert all(abs(r["trainable_params"] - 20000) < 1000 for r in cells.values())  # frozen: LLM LoRA only
     assert "param_budget=20000" in (out / "results.md").read_text()
+
+
+def test_a_raced_grid_makes_the_exhaustive_grids_records_on_fewer_steps(tmp_path):
+    """Racing's rung (pause at half the steps, resume the better rates) as a user runs it: the runs it
+    finishes are the exhaustive protocol's runs, number for number."""
+    grid = [*ONE_CELL[:-1], "0,1", "--lrs", "1e-3,3e-3,1e-2", "--steps", "4"]
+    for protocol in ("race", "exhaustive"):
+        result = run_cli(*grid, "--out", str(tmp_path / protocol), "--protocol", protocol)
+        assert result.returncode == 0, result.stderr[-2000:]
+    raced = {r["key"]: r for r in records(tmp_path / "race") if r["kind"] == "cell"}
+    full = {r["key"]: r for r in records(tmp_path / "exhaustive") if r["kind"] == "cell"}
+    assert sorted(r["status"] for r in raced.values()) == ["ok", "ok", "ok", "raced"]  # 3 rungs, 2 go on, 1 more seed
+    assert [r["steps_trained"] for r in raced.values() if r["status"] == "raced"] == [2]
+    for key, r in raced.items():
+        if r["status"] == "ok":
+            assert r["losses"] == full[key]["losses"] and r["val_curve"] == full[key]["val_curve"]
+            assert r["val_score"] == full[key]["val_score"] and r["score"] == full[key]["score"]
+    md = (tmp_path / "race" / "results.md").read_text()
+    assert "### Racing" in md and "stopped at the racing rung" in md
+    assert not (tmp_path / "race" / ".paused").exists()  # paused states are removed once decided

@@ -251,3 +251,34 @@ def test_parameter_budget_gives_each_target_set_its_rank(tiny):
     finally:
         tiny.model = detach(peft_model)
     assert lora == ranks["qk"] * per_rank["qk"]
+
+
+def test_a_paused_and_resumed_run_is_the_uninterrupted_run(tiny, examples):
+    """Racing's rungs (bench/race.py) rely on it: same losses, same weights, bit for bit, though other
+    runs (and their random draws) happen in between."""
+    import dataclasses
+
+    from accelerate.utils import set_seed
+
+    settings = dataclasses.replace(SETTINGS, steps=6, lora_dropout=0.1)
+    cell = Cell("qv", 4, 8, "resampler+vpm")  # LoRA, a fully trained connector and encoder: all kinds of state
+    res = resolve(tiny.model, tiny.roles, cell)
+
+    def leg(pause_at=None, resume=None):
+        set_seed(3)
+        peft_model = attach(tiny.model, res, cell, settings.lora_dropout, 3)
+        try:
+            result = train(tiny, peft_model, examples, settings, 3, Accelerator(cpu=True), pause_at=pause_at, resume=resume)
+            weights = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+        finally:
+            tiny.model = detach(peft_model)
+        return result, weights
+
+    whole, whole_weights = leg()
+    first, _ = leg(pause_at=3)
+    assert first.state is not None and first.state["step"] == 3 and len(first.losses) == 3
+    torch.rand(1000)  # another run's draws in between
+    rest, rest_weights = leg(resume=first.state)
+    assert rest.state is None
+    assert rest.losses == whole.losses
+    assert all(torch.equal(rest_weights[n], whole_weights[n]) for n in whole_weights)

@@ -2,6 +2,7 @@
 assembled from all sections present (so one benchmark can be rerun without the others).
 
     python -m bench.perf                         # all of them (~71 min on 2 CPU cores)
+    python -m bench.perf --only racing           # racing vs the exhaustive protocol, replayed over published records (seconds)
     python -m bench.perf --only overheads        # side by side: training, generation, lm-eval, smoke matrix (~12 min)
     python -m bench.perf --only phases           # a default docvqa run under cProfile, split into phases (~18 min)
     python -m bench.perf --only default-matrix   # the default matrix, one process vs a process per cell (~40 min a repetition)
@@ -17,14 +18,15 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-RUNNABLE = ["overheads", "phases", "default-matrix"]
+RUNNABLE = ["racing", "overheads", "phases", "default-matrix"]
 ORDER = [*RUNNABLE, "phases-before"]  # phases-before: kept from before the fixes, not rerun
 TITLE = """# Performance: side-by-side measurements
 
 Every figure here is produced by `python -m bench.perf` (one section each: `--only NAME`); the command,
 machine and library versions are in each section. Goals from the performance issue: training loop <= 1.05x a
 hand-written loop; batched generation >= 8x one-by-one; lm-eval <= 1.10x a direct loop; one process <= 0.6x
-a process per cell.
+a process per cell; racing: the exhaustive protocol's verdict with <= 30% of its training steps, and the default
+command in <= 20 min on 2 cores.
 """
 
 
@@ -43,6 +45,10 @@ def _phases() -> str:
 
 
 def run(name: str, reps: int, matrix_reps: int) -> str:
+    if name == "racing":
+        from bench.perf.racing import section
+
+        return section()
     if name == "overheads":
         from bench.perf.overheads import section
 

@@ -6,7 +6,9 @@
 1. The smoke matrix (with all four vision policies) on CUDA in bf16 for the embedded model and for a tiny random Qwen2-VL checkpoint
    (built offline): every run ok, CUDA peak memory and throughput recorded; the memory model's
    prediction for each of those cells against its ``max_memory_allocated`` (goal: within 10%).
-2. One LoRA training step timed on a synthetic ~1B-parameter Qwen2-VL (random weights, bf16; LoRA
+2. Racing on the device: a raced smoke matrix against the exhaustive one; resumed runs must be the
+   uninterrupted runs (the CUDA random state is saved and restored at the pause).
+3. One LoRA training step timed on a synthetic ~1B-parameter Qwen2-VL (random weights, bf16; LoRA
    r=16 on every LLM linear; batch x sequence of realistic length with image tokens): tokens/s,
    CUDA peak memory, and model-FLOPs utilisation. FLOPs are counted as 2 x params x tokens for the
    forward pass and twice that again for the backward (6NT, the usual MFU convention); with LoRA the
@@ -57,6 +59,34 @@ def smoke(model: str | None, out: Path, device: str) -> dict:
             "peak_mem_mib": [round(float(v), 1) for v in cells.peak_mem_mib],
             "train_samples_per_s": [round(float(v), 1) for v in cells.train_samples_per_s],
             "recorded": bool(cells.peak_mem_mib.notna().all() and (cells.train_samples_per_s > 0).all())}
+
+
+def race_check(out: Path, device: str) -> dict:
+    """Racing's pause and resume on this device: a raced smoke matrix (3 rates x 3 seeds) against the
+    same matrix trained exhaustively. Resumed runs must equal uninterrupted ones (CUDA random state
+    included), or the race's choices would not be the exhaustive protocol's."""
+    from bench.store import Store
+
+    common = [sys.executable, str(ROOT / "run_bench.py"), "--suite", "docvqa", "--preset", "smoke", "--targets", "qv",
+              "--lrs", "1e-3,3e-3,1e-2", "--seeds", "0,1,2", "--steps", "8", "--device", device, "--save-adapters", "none"]
+    walls, records = {}, {}
+    for protocol in ("race", "exhaustive"):
+        folder = out / f"race-check-{protocol}"
+        shutil.rmtree(folder, ignore_errors=True)
+        start = time.perf_counter()
+        done = subprocess.run([*common, "--protocol", protocol, "--out", str(folder)], capture_output=True, text=True)
+        walls[protocol] = round(time.perf_counter() - start, 1)
+        if done.returncode != 0:
+            return {"ok": False, "error": f"{protocol}: " + (done.stderr.strip().splitlines() or ["failed"])[-1]}
+        records[protocol] = {r["key"]: r for r in Store(folder).all() if r.get("kind") == "cell"}
+    raced = [r for r in records["race"].values() if r["status"] == "ok"]
+    same = [r for r in raced if records["exhaustive"].get(r["key"], {}).get("losses") == r["losses"]
+            and records["exhaustive"][r["key"]].get("val_score") == r["val_score"]]
+    gap = max((abs(records["exhaustive"][r["key"]]["val_score"] - r["val_score"]) for r in raced if r["key"] in records["exhaustive"]), default=None)
+    steps = sum(r.get("steps_trained") or 0 for r in records["race"].values())
+    return {"ok": len(same) == len(raced), "identical": f"{len(same)} of {len(raced)}", "max_val_gap": gap,
+            "race_steps": steps, "exhaustive_steps": sum(r.get("steps_trained") or 0 for r in records["exhaustive"].values()),
+            "wall_s": walls}
 
 
 def memory_check(model: str, out: Path, device_type: str) -> dict:
@@ -180,6 +210,7 @@ def main(argv=None) -> int:
         report["smoke_tiny_qwen2_vl"] = smoke(str(Path(tmp) / "qwen2_vl"), args.out / "smoke-tiny-qwen2-vl", device.type)
         report["memory_model_tiny_minicpmv"] = memory_check("tiny-minicpmv", args.out / "smoke-tiny-minicpmv", device.type)
         report["memory_model_tiny_qwen2_vl"] = memory_check(str(Path(tmp) / "qwen2_vl"), args.out / "smoke-tiny-qwen2-vl", device.type)
+    report["race_vs_exhaustive"] = race_check(args.out, device.type)
     batch, seq, steps = (2, 96, 2) if args.cpu_dry_run else (args.batch, args.seq, args.steps)
     step = lora_step(args.cpu_dry_run, device, batch, seq, grid=8 if args.cpu_dry_run else 32, steps=steps)
     peak = peak_tflops(card, args.peak_tflops)
@@ -201,6 +232,11 @@ def main(argv=None) -> int:
         lines.append(f"- {name}: predicted / measured peak per smoke cell: "
                      + ", ".join(f"{c['cell']} {c['predicted_mib']:.0f}/{c['measured_mib']:.0f} MiB ({c['ratio']})" for c in r.get("cells", []))
                      + f"; within 10%: {r.get('within_10pct')}" + ("" if r.get("comparable") else " (CPU dry run: RSS, not comparable)"))
+    r = report["race_vs_exhaustive"]
+    lines.append(f"- racing (pause at the rung, resume) vs exhaustive, smoke qv cells x 3 rates x 3 seeds: raced runs identical to "
+                 f"uninterrupted ones: {r.get('identical')} (largest validation gap {r.get('max_val_gap')}); steps "
+                 f"{r.get('race_steps')} vs {r.get('exhaustive_steps')}; wall {r.get('wall_s')}"
+                 + (f"; error: {r['error']}" if r.get("error") else ""))
     s = step
     lines += ["", f"- LoRA step, synthetic Qwen2-VL {s['params'] / 1e9:.2f}B params ({s['vision_params'] / 1e6:.0f}M vision), "
               f"batch {s['batch']} x {s['seq']} tokens ({s['image_tokens']} image tokens each): median step {s['step_s_median'] * 1e3:.0f} ms, "
