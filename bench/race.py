@@ -124,14 +124,17 @@ def _pending(record: dict | None) -> bool:
 
 
 def plan(records: list[dict], cells: list[Cell], lrs: list[float], seeds: list[int], steps: int,
-         min_seeds: int = MIN_SEEDS, alpha: float = ALPHA) -> Plan:
-    """What to run next, for one suite, from its records (module docstring)."""
+         min_seeds: int = MIN_SEEDS, alpha: float = ALPHA, keep: int | None = None) -> Plan:
+    """What to run next, for one suite, from its records (module docstring). ``keep``: rates that go
+    on past the rung (default :func:`survivors_at_rung`); ``min_seeds``, ``alpha`` and ``keep`` are
+    parameters for the replays that justify their defaults."""
     runs = _lookup(records)
+    keep = survivors_at_rung(len(lrs)) if keep is None else keep
     rung = rung_step(steps)
     lrs, seeds = sorted(lrs), list(seeds)
     p = Plan(exhaustive_steps=len(cells) * len(lrs) * len(seeds) * steps)
     first = seeds[0]
-    racing_rates = survivors_at_rung(len(lrs)) < len(lrs) and rung < steps
+    racing_rates = keep < len(lrs) and rung < steps
     resumes = 0  # rung winners that continue from their pause
 
     # stage 1: learning rates, with the first seed
@@ -151,7 +154,7 @@ def plan(records: list[dict], cells: list[Cell], lrs: list[float], seeds: list[i
             p.jobs += [Job(cell, lr, first, until=rung) for lr in missing]
             continue
         ranked = sorted(lrs, key=lambda lr: (-scores[lr], lr))  # ties: the lower rate
-        survivors = [lr for lr in ranked[:survivors_at_rung(len(lrs))] if scores[lr] > -math.inf]
+        survivors = [lr for lr in ranked[:keep] if scores[lr] > -math.inf]
         p.stops += [Job(cell, lr, first, until=rung) for lr in lrs
                     if lr not in survivors and (runs.get((cell, lr, first)) or {}).get("status") == "paused"]
         pending = []

@@ -71,3 +71,14 @@ def test_replay_reaches_the_exhaustive_verdict_on_fewer_steps():
 def test_one_rate_and_one_seed_is_the_plain_matrix():
     p = race.plan([BASE], CELLS, [1e-3], [0], STEPS)
     assert {(j.cell, j.until) for j in p.jobs} == {(c, None) for c in CELLS}
+
+
+def test_a_failed_leg_counts_as_finished_so_the_race_goes_on():
+    """A run that raised is recorded (and retried when the command starts again, bench/study.py); within
+    one process the plan must not ask for it again, or the race would never end."""
+    cell = CELLS[0]
+    legs = [{**run("qk", "frozen", 0, lr, s, 0.0), "status": "paused", "steps_trained": 5, "val_curve": [[5, s]]}
+            for lr, s in ((3e-3, 0.5), (1e-2, 0.4))]
+    failed = {**run("qk", "frozen", 0, 1e-3, 0.0, 0.0), "status": "failed", "val_curve": [], "steps_trained": 0}
+    p = race.plan([*legs, failed], [cell], LRS, [0, 1, 2], STEPS)
+    assert not any(j.lr == 1e-3 for j in p.jobs) and sorted(j.lr for j in p.jobs) == [3e-3, 1e-2]

@@ -1,10 +1,11 @@
 """Every speed benchmark; each writes its section to results/perf/<name>.md, then results/perf.md is
 assembled from all sections present (so one benchmark can be rerun without the others).
 
-    python -m bench.perf                         # all of them (~71 min on 2 CPU cores)
+    python -m bench.perf                         # all of them (~2.5 h on 2 CPU cores)
     python -m bench.perf --only racing           # racing vs the exhaustive protocol, replayed over published records (seconds)
+    python -m bench.perf --only default-command  # python run_bench.py --suite docvqa from scratch, timed (~1.2 h on 2 cores)
     python -m bench.perf --only overheads        # side by side: training, generation, lm-eval, smoke matrix (~12 min)
-    python -m bench.perf --only phases           # a default docvqa run under cProfile, split into phases (~18 min)
+    python -m bench.perf --only phases           # the default cells at one rate and seed under cProfile, in phases (~18 min)
     python -m bench.perf --only default-matrix   # the default matrix, one process vs a process per cell (~40 min a repetition)
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-RUNNABLE = ["racing", "overheads", "phases", "default-matrix"]
+RUNNABLE = ["racing", "default-command", "overheads", "phases", "default-matrix"]
 ORDER = [*RUNNABLE, "phases-before"]  # phases-before: kept from before the fixes, not rerun
 TITLE = """# Performance: side-by-side measurements
 
@@ -31,13 +32,16 @@ command in <= 20 min on 2 cores.
 
 
 def _phases() -> str:
-    """In a fresh process, as a user runs it: imports, first evaluation and all."""
+    """In a fresh process, as a user runs it: imports, first evaluation and all; on the 20 default cells
+    at one rate and one seed (the raced default, ~1.2 h, would take hours under cProfile)."""
     import subprocess
+
+    from bench.perf.overheads import OLD_DEFAULT
 
     with tempfile.TemporaryDirectory() as tmp:
         section = Path(tmp) / "phases.md"
         cmd = [sys.executable, "-m", "bench.perf.phases", "--out", str(section), "--",
-               "--suite", "docvqa", "--out", f"{tmp}/run", "--save-adapters", "none"]
+               "--suite", "docvqa", "--out", f"{tmp}/run", "--save-adapters", "none", *OLD_DEFAULT]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"error: the profiled run failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
@@ -49,6 +53,10 @@ def run(name: str, reps: int, matrix_reps: int) -> str:
         from bench.perf.racing import section
 
         return section()
+    if name == "default-command":
+        from bench.perf.racing import default_command_section
+
+        return default_command_section()
     if name == "overheads":
         from bench.perf.overheads import section
 

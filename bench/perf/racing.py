@@ -36,9 +36,9 @@ def _matrix(records: list[dict]):
     return grid, lrs, seeds, steps
 
 
-def compare(records: list[dict], min_seeds: int = race.MIN_SEEDS) -> dict:
+def compare(records: list[dict], min_seeds: int = race.MIN_SEEDS, keep: int | None = None) -> dict:
     grid, lrs, seeds, steps = _matrix(records)
-    rep = race.replay(records, grid, lrs, seeds, steps, min_seeds=min_seeds)
+    rep = race.replay(records, grid, lrs, seeds, steps, min_seeds=min_seeds, keep=keep)
     bases = [r for r in records if r.get("kind") == "base"]
     (full,) = verdict.judge(records).values()
     (raced,) = verdict.judge(rep.records + bases).values()
@@ -95,17 +95,106 @@ def section() -> str:
         notes.append(f"- {suite}: {len(c['exits'])} cells left after {race.MIN_SEEDS} seeds "
                      f"({', '.join(e.cell.name for e in c['exits']) or 'none'}). Records: `{command}`; "
                      f"machine: {machine.one_line(first['machine'])}.")
-        for k in (1, 2, 3):
-            s = compare(records, min_seeds=k)
-            sensitivity.append(f"| {suite} | {k} | {s['race_steps'] / s['exhaustive_steps']:.3f} | "
+        for k, keep in ((1, None), (2, None), (3, None), (2, 1)):
+            s = compare(records, min_seeds=k, keep=keep)
+            rates = "the best 1" if keep == 1 else f"the best {race.survivors_at_rung(c['lrs'])} (default)"
+            sensitivity.append(f"| {suite} | {k}{' (default)' if k == race.MIN_SEEDS else ''} | {rates} | "
+                               f"{s['race_steps'] / s['exhaustive_steps']:.3f} | {'same' if s['best_equal'] else 'differs'} | "
                                f"{'same' if s['set_equal'] else 'differs'} ({s['set_sizes'][0]} vs {s['set_sizes'][1]}) | "
                                f"{s['findings_same']} of {s['findings']} same, {s['opposed']} opposed |")
     lines += ["| suite (matrix) | exhaustive (steps, runs, CPU time) | race | step share (goal <= 0.30) | best cell | "
               "confidence set of the best | findings |", "|---|---|---|---|---|---|---|", *rows, "", *notes, ""]
     lines += ["CPU time: the records' wall seconds (each run on one of two one-thread workers); a rung leg is counted "
               "at its share of steps.", ""]
-    lines += ["Seeds every cell runs before any may leave (the default is 2): after one seed, seed noise is unmeasured "
-              "and the confidence set is too narrow.", "",
-              "| suite | seeds before leaving | step share | confidence set | findings |", "|---|---|---|---|---|",
-              *sensitivity, ""]
+    lines += ["The race's two settings, replayed the same way: seeds every cell runs before any may leave (after one, "
+              "seed noise is unmeasured and the confidence set is too narrow), and rates that go on past the rung (one "
+              "alone is Hyperband's choice; the rung's short-horizon bias then picks wrong rates).", "",
+              "| suite | seeds before leaving | rates past the rung | step share | best cell | confidence set | findings |",
+              "|---|---|---|---|---|---|---|", *sensitivity, ""]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ the default command
+
+
+def run_default(folder: Path, workers: int = 2) -> float:
+    """``python run_bench.py --suite docvqa`` in ``folder`` with an empty data cache, as ``workers``
+    one-thread processes on the same results folder (the fastest way on 2 cores; a second worker joins
+    once the first has generated the data). Returns the wall seconds until the last one exits."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "BENCH_CACHE_DIR": str(folder / "cache"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(root / "run_bench.py"), "--suite", "docvqa", "--out", str(folder / "run")]
+    start = time.perf_counter()
+    logs = [open(folder / f"worker-{i}.log", "w") for i in range(workers)]
+    procs = [subprocess.Popen(cmd, cwd=root, stdout=logs[0], stderr=subprocess.STDOUT, env=env)]
+    while len(procs) < workers:
+        if "scoring the base model" in (folder / "worker-0.log").read_text() or procs[0].poll() is not None:
+            procs.append(subprocess.Popen(cmd, cwd=root, stdout=logs[len(procs)], stderr=subprocess.STDOUT, env=env))
+        else:
+            time.sleep(2)
+    codes = [p.wait() for p in procs]
+    wall = time.perf_counter() - start
+    if any(codes):
+        raise SystemExit(f"error: the default command failed (exit {codes}); see {folder}/worker-*.log")
+    return wall
+
+
+def default_command_summary(run: Path, wall_s: float, exhaustive: Path = Path("results/docvqa")) -> str:
+    """The default command's cost and verdict against the published exhaustive run's."""
+    from bench import machine
+
+    records = [r for r in map(read_record, record_files(run / "records", "docvqa/")) if r is not None]
+    full_records = [r for r in map(read_record, record_files(exhaustive / "records", "docvqa/")) if r is not None]
+    cells = [r for r in records if r.get("kind") == "cell"]
+    first = cells[0]
+    steps = sum(race._spent(r, first["train"]["steps"]) for r in cells)
+    (mine,) = verdict.judge(records).values()
+    lines = [f"| the default command, docvqa (racing) | {wall_s / 60:.1f} min wall | {len(cells)} runs "
+             f"({sum(r['status'] == 'raced' for r in cells)} stopped at the rung), {steps:,} steps |"]
+    if full_records:
+        (full,) = verdict.judge(full_records).values()
+        full_map = {r["key"]: r for r in full_records}
+        ok = [r for r in cells if r["status"] == "ok" and r["key"] in full_map]
+        same = sum(r["val_score"] == full_map[r["key"]]["val_score"] and r["score"] == full_map[r["key"]]["score"] for r in ok)
+        pairs = [(a.comparison.verdict if a.comparison else None, b.comparison.verdict if b.comparison else None)
+                 for a, b in zip(full.findings, mine.findings)]
+        lines += ["", f"Against the exhaustive run (`{exhaustive}`, 180 runs, 72,000 steps): best cell "
+                  f"{'the same' if full.best.key == mine.best.key else 'different'} (`{verdict.cell_name(mine.best.key)}`); "
+                  f"confidence set of the best {'the same' if full.best_set == mine.best_set else 'different'} "
+                  f"({len(full.best_set)} vs {len(mine.best_set)} cells); findings {sum(a == b for a, b in pairs)} of {len(pairs)} "
+                  f"the same, {sum(p in OPPOSED for p in pairs)} opposed; {same} of {len(ok)} finished runs have the "
+                  f"exhaustive run's scores to the last digit (same machine, same thread count)."]
+        differ = [r for r in ok if r["val_score"] != full_map[r["key"]]["val_score"]]
+        if differ:
+            early = sum(r["losses"][0] != full_map[r["key"]]["losses"][0] for r in differ)
+            gap = max(abs(r["val_score"] - full_map[r["key"]]["val_score"]) for r in differ)
+            in_other = (mine.best.key in full.best_set, full.best.key in mine.best_set)
+            lines += ["", f"Why they differ: in {early} of the {len(differ)} differing runs the very first loss already "
+                      f"differs (in the 6th-7th significant digit, before LoRA's zero-initialised B can matter), i.e. the "
+                      f"base model's forward pass on the same batch gives slightly different floats in another process "
+                      f"history; 400 steps amplify that to validation differences of up to {gap:.3f}. Racing itself changes "
+                      f"no number (a resumed run is bit-identical to an uninterrupted one, tested), so a rerun of the "
+                      f"exhaustive protocol would likely miss its own records too (not measured here): this is the "
+                      f"run-to-run reproducibility of a CPU run; the replay above is the race on identical records. Each protocol's best is "
+                      f"{'in' if in_other[0] and in_other[1] else 'not always in'} the other's confidence set."]
+    lines += ["", f"Machine: {machine.one_line(first['machine'])}; versions: "
+              + ", ".join(f"{k} {v}" for k, v in first["versions"].items())]
+    return "\n".join(lines)
+
+
+def default_command_section(folder: Path | None = None) -> str:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(folder or tmp)
+        wall = run_default(folder)
+        body = default_command_summary(folder / "run", wall)
+    return "\n".join(["## The default command, raced", "",
+                      "Command: `python -m bench.perf --only default-command` (runs `python run_bench.py --suite docvqa` "
+                      "from this checkout with an empty data cache, as two one-thread workers on one results folder)", "",
+                      "| what | wall time | work |", "|---|---|---|", body, ""])
