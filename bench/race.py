@@ -111,7 +111,8 @@ def _rung_score(record: dict | None, rung: int) -> float | None:
     return -math.inf if record.get("status") in TERMINAL else None
 
 
-def _spent(record: dict | None, steps: int) -> int:
+def steps_spent(record: dict | None, steps: int) -> int:
+    """Training steps a run's record accounts for (a finished run: all; a leg: those it trained)."""
     if record is None:
         return 0
     if record.get("status") == "ok":
@@ -169,7 +170,7 @@ def plan(records: list[dict], cells: list[Cell], lrs: list[float], seeds: list[i
         final = {lr: runs[(cell, lr, first)]["val_score"] for lr in survivors if runs[(cell, lr, first)]["status"] == "ok"}
         p.chosen[cell] = max(sorted(final), key=final.get) if final else None  # None: the cell has no result
 
-    p.spent_steps = sum(_spent(r, steps) for r in runs.values())
+    p.spent_steps = sum(steps_spent(r, steps) for r in runs.values())
     undecided = [c for c in cells if c not in p.chosen]
     stage1_left = sum(rung if j.until else steps for j in p.jobs) - resumes * rung + len(undecided) * (steps - rung) * racing_rates
     if p.jobs or undecided:
@@ -192,7 +193,7 @@ def plan(records: list[dict], cells: list[Cell], lrs: list[float], seeds: list[i
                 best = max(val.keys, key=lambda c: val.point[val.index(c)])
                 for c in alive:
                     if c not in keep:
-                        spent = sum(_spent(r, steps) for (cc, _, _), r in runs.items() if cc == c)
+                        spent = sum(steps_spent(r, steps) for (cc, _, _), r in runs.items() if cc == c)
                         p.exits.append(Exit(c, k, spent, val.interval(c), val.interval(best), best))
                 alive = [c for c in alive if c in keep]
         if k == len(seeds):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from bench import race, verdict
 from bench.space import Cell
-from bench.store import read_record, record_files
+from bench.store import Store
 
 # (suite, folder of an exhaustive run's records, the command that made them)
 SOURCES = [
@@ -36,14 +36,19 @@ def _matrix(records: list[dict]):
     return grid, lrs, seeds, steps
 
 
+def _verdicts(a, b) -> list[tuple]:
+    """Each finding's verdict word under two suite verdicts, side by side."""
+    return [(x.comparison.verdict if x.comparison else None, y.comparison.verdict if y.comparison else None)
+            for x, y in zip(a.findings, b.findings)]
+
+
 def compare(records: list[dict], min_seeds: int = race.MIN_SEEDS, keep: int | None = None) -> dict:
     grid, lrs, seeds, steps = _matrix(records)
     rep = race.replay(records, grid, lrs, seeds, steps, min_seeds=min_seeds, keep=keep)
     bases = [r for r in records if r.get("kind") == "base"]
     (full,) = verdict.judge(records).values()
     (raced,) = verdict.judge(rep.records + bases).values()
-    pairs = [(a.comparison.verdict if a.comparison else None, b.comparison.verdict if b.comparison else None)
-             for a, b in zip(full.findings, raced.findings)]
+    pairs = _verdicts(full, raced)
     used = {r["key"] for r in rep.records}
     wall_full = sum(r.get("wall_s") or 0 for r in records if r.get("kind") == "cell")
     # a rung leg costs its share of the run's training time plus one validation; approximated by the step share
@@ -74,11 +79,10 @@ def section() -> str:
              "validation scores those records hold, so the replay is the race those runs would have made)", ""]
     rows, sensitivity, notes = [], [], []
     for suite, folder, command in SOURCES:
-        files = record_files(folder / "records", f"{suite}/")
-        if not files:
+        records = Store(folder).all(suite)
+        if not records:
             notes.append(f"- {suite}: no records under {folder}; run `{command}` first.")
             continue
-        records = [r for r in map(read_record, files) if r is not None]
         first = next(r for r in records if r.get("kind") == "cell")
         c = compare(records)
         rows.append(f"| {suite} ({c['cells']} cells x {c['lrs']} rates x {c['seeds']} seeds, {c['steps']} steps) | "
@@ -148,11 +152,10 @@ def default_command_summary(run: Path, wall_s: float, exhaustive: Path = Path("r
     """The default command's cost and verdict against the published exhaustive run's."""
     from bench import machine
 
-    records = [r for r in map(read_record, record_files(run / "records", "docvqa/")) if r is not None]
-    full_records = [r for r in map(read_record, record_files(exhaustive / "records", "docvqa/")) if r is not None]
+    records, full_records = Store(run).all("docvqa"), Store(exhaustive).all("docvqa")
     cells = [r for r in records if r.get("kind") == "cell"]
     first = cells[0]
-    steps = sum(race._spent(r, first["train"]["steps"]) for r in cells)
+    steps = sum(race.steps_spent(r, first["train"]["steps"]) for r in cells)
     (mine,) = verdict.judge(records).values()
     lines = [f"| the default command, docvqa (racing) | {wall_s / 60:.1f} min wall | {len(cells)} runs "
              f"({sum(r['status'] == 'raced' for r in cells)} stopped at the rung), {steps:,} steps |"]
@@ -161,9 +164,10 @@ def default_command_summary(run: Path, wall_s: float, exhaustive: Path = Path("r
         full_map = {r["key"]: r for r in full_records}
         ok = [r for r in cells if r["status"] == "ok" and r["key"] in full_map]
         same = sum(r["val_score"] == full_map[r["key"]]["val_score"] and r["score"] == full_map[r["key"]]["score"] for r in ok)
-        pairs = [(a.comparison.verdict if a.comparison else None, b.comparison.verdict if b.comparison else None)
-                 for a, b in zip(full.findings, mine.findings)]
-        lines += ["", f"Against the exhaustive run (`{exhaustive}`, 180 runs, 72,000 steps): best cell "
+        pairs = _verdicts(full, mine)
+        full_cells = [r for r in full_records if r.get("kind") == "cell"]
+        full_steps = sum(race.steps_spent(r, r["train"]["steps"]) for r in full_cells)
+        lines += ["", f"Against the exhaustive run (`{exhaustive}`, {len(full_cells)} runs, {full_steps:,} steps): best cell "
                   f"{'the same' if full.best.key == mine.best.key else 'different'} (`{verdict.cell_name(mine.best.key)}`); "
                   f"confidence set of the best {'the same' if full.best_set == mine.best_set else 'different'} "
                   f"({len(full.best_set)} vs {len(mine.best_set)} cells); findings {sum(a == b for a, b in pairs)} of {len(pairs)} "
