@@ -28,7 +28,7 @@ from bench.evaluate import evaluate, generation_budget
 from bench.models import get_adapter
 from bench.space import Cell, TrainSettings
 from bench.spec import Spec
-from bench.store import Store, digest
+from bench.store import DONE, Store, digest
 from bench.suite_data import content_digest, describe, read_split
 from bench.train import Diverged, attach, detach, ranks_for_budget, resolve, train
 from bench.vision_cache import VisionCache, encoder_is_frozen
@@ -175,7 +175,7 @@ class Session:
         self.executed = False
         key = sr.key(self.spec, cell, seed, train)
         record = self.store.get(sr.suite.name, key)
-        if record is not None and self.store.is_done(sr.suite.name, key):
+        if record is not None and record.get("status") in DONE:
             return record
         if record is not None and until is not None and record.get("status") in ("paused", "raced") \
                 and record.get("steps_trained") == until:

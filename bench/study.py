@@ -133,6 +133,8 @@ class Worker:
         self.plans: dict = {}  # suite -> its race's latest bench.race.Plan
         self.todo: set[str] = set()  # racing: the run ids its latest plan asks for
         self.seen_exits: set = set()
+        self.planned: dict = {}  # suite -> (what its plan was made from, the plan): no replanning while nothing changed
+        self.materialized: set[int] = set()  # finished trials whose records are in this output folder
         directions = [OBJECTIVES[o] for o in self.spec.objectives]
         if self.spec.worker:
             try:
@@ -199,10 +201,15 @@ class Worker:
         keys = self.session.keys()
         self.todo = set()
         for sr in self.session.suite_runs.values():
-            records = [r for r in store.all(sr.suite.name) if r.get("key") in keys[sr.suite.name]]
-            if initial:  # a run that failed in an earlier process is tried again, once per process
-                records = [r for r in records if r.get("status") not in ("failed", "oom")]
-            p = race.plan(records, list(spec.cells), sorted(rates), list(spec.seeds), spec.train.steps)
+            made_from = (initial, _listing(store.records_dir / sr.suite.name))
+            if self.planned.get(sr.suite.name, (None,))[0] == made_from:
+                p = self.planned[sr.suite.name][1]  # a poll while other workers train: the same records, the same plan
+            else:
+                records = [r for r in store.all(sr.suite.name) if r.get("key") in keys[sr.suite.name]]
+                if initial:  # a run that failed in an earlier process is tried again, once per process
+                    records = [r for r in records if r.get("status") not in ("failed", "oom")]
+                p = race.plan(records, list(spec.cells), sorted(rates), list(spec.seeds), spec.train.steps)
+                self.planned[sr.suite.name] = (made_from, p)
             for job in p.stops:
                 key = sr.key(spec, job.cell, job.seed, rates[job.lr])
                 record = store.get(sr.suite.name, key)
@@ -484,14 +491,23 @@ class Worker:
                 _put_if_changed(store, json.loads(shared))
         keys = self.session.keys()
         for t in self._trials((TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)):
-            if "record" not in t.user_attrs:
+            if "record" not in t.user_attrs or t.number in self.materialized:  # a finished trial's record is final
                 continue
+            self.materialized.add(t.number)
             record = json.loads(t.user_attrs["record"])
             if not self.spec.search and record.get("key") not in keys.get(record.get("suite"), set()):
                 continue
             mine = store.get(record["suite"], record["key"])
             if mine is None or _progress(record) > _progress(mine):
                 store.put(record)
+
+
+def _listing(folder: Path) -> tuple:
+    """Names and modification times of a records folder: changes whenever a record is written."""
+    try:
+        return tuple(sorted((e.name, e.stat().st_mtime_ns) for e in os.scandir(folder)))
+    except FileNotFoundError:
+        return ()
 
 
 def _progress(record: dict) -> int:
