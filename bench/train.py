@@ -174,6 +174,18 @@ def batch_order(n_examples: int, steps: int, batch_size: int, seed: int) -> list
     return [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
 
 
+def schedule(settings: TrainSettings):
+    """Linear warmup then cosine decay to zero, as a factor of each group's learning rate."""
+    warmup, steps = max(1, settings.warmup_steps), settings.steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    return factor
+
+
 def pause_state(peft_model, optimizer, scheduler, step: int, losses: list, tokens: int) -> dict:
     """What a paused run needs to go on as if it never stopped: trainable weights, optimizer moments,
     schedule position and the random generators (dropout masks), all on the CPU."""
@@ -222,14 +234,8 @@ def train(adapter, peft_model, examples: list[Example], settings: TrainSettings,
     params = [p for p in peft_model.parameters() if p.requires_grad]
     trainable, total = count_parameters(peft_model)
     optimizer = torch.optim.AdamW(param_groups(peft_model, adapter.roles, settings), weight_decay=settings.weight_decay)
-    warmup, steps = max(1, settings.warmup_steps), settings.steps
-
-    def lr_lambda(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    steps = settings.steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(settings))
     checkpointed = _gradient_checkpointing(peft_model, settings.gradient_checkpointing)
     model, optimizer = accelerator.prepare(peft_model, optimizer)
     batches = batch_order(len(examples), steps, settings.batch_size, seed)
