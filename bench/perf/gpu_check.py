@@ -8,7 +8,9 @@
    prediction for each of those cells against its ``max_memory_allocated`` (goal: within 10%).
 2. Racing on the device: a raced smoke matrix against the exhaustive one; resumed runs must be the
    uninterrupted runs (the CUDA random state is saved and restored at the pause).
-3. One LoRA training step timed on a synthetic ~1B-parameter Qwen2-VL (random weights, bf16; LoRA
+3. Packed runs (bench/packing.py): K = 4 runs packed against the same runs one after another, on the embedded
+   model through the harness (seeds; learning rates) and one step on the ~1B model below (goals 0.4 and 0.7).
+4. One LoRA training step timed on a synthetic ~1B-parameter Qwen2-VL (random weights, bf16; LoRA
    r=16 on every LLM linear; batch x sequence of realistic length with image tokens): tokens/s,
    CUDA peak memory, and model-FLOPs utilisation. FLOPs are counted as 2 x params x tokens for the
    forward pass and twice that again for the backward (6NT, the usual MFU convention); with LoRA the
@@ -138,6 +140,49 @@ def synthetic_qwen2_vl(dry: bool):
     return Qwen2VLForConditionalGeneration(config), config
 
 
+ALL_LLM_LINEAR = r"model\.language_model\.layers\.\d+\.(?:self_attn\.(?:q|k|v|o)_proj|mlp\.(?:gate|up|down)_proj)"
+
+
+def synthetic_inputs(config, batch: int, seq: int, grid: int, device, dtype) -> dict:
+    """A batch of random token ids with one image of ``grid`` x ``grid`` patches each (labels = ids)."""
+    image_tokens = grid * grid // 4
+    ids = torch.randint(0, 30000, (batch, seq), device=device)
+    ids[:, 1] = config.vision_start_token_id
+    ids[:, 2:2 + image_tokens] = config.image_token_id
+    ids[:, 2 + image_tokens] = config.vision_end_token_id
+    pixels = torch.randn(batch * grid * grid, 3 * 2 * 14 * 14, device=device, dtype=dtype)
+    thw = torch.tensor([[1, grid, grid]] * batch, device=device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels, "image_grid_thw": thw,
+            "mm_token_type_ids": (ids == config.image_token_id).long(), "labels": ids}
+
+
+def packing_check(dry: bool, device: torch.device) -> dict:
+    """K = 4 packed runs against the same runs one after another: on the embedded model through the
+    harness (seeds and learning rates, equivalence included), and one step on the ~1B model."""
+    from bench.perf.overheads import embedded_docvqa
+    from bench.perf.packing import K, compare, synthetic_step
+
+    start = time.perf_counter()
+    try:
+        adapter, _, examples = embedded_docvqa(256, device.type)
+        embedded = compare(adapter, examples, device, reps=1 if dry else 3, steps=3 if dry else 20)
+        del adapter
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        with torch.device(device):
+            model, config = synthetic_qwen2_vl(dry)
+        model = model.to(dtype)
+        batch, seq, grid = (1, 96, 8) if dry else (2, 1024, 32)
+        big = synthetic_step(model, synthetic_inputs(config, batch, seq, grid, device, dtype), ALL_LLM_LINEAR, K, 2 if dry else 5, device, dtype)
+        big.update(batch_per_run=batch, seq=seq, params=sum(p.numel() for p in model.parameters()))
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    except Exception as exc:  # a failure here must not lose the rest of the check
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "wall_s": round(time.perf_counter() - start, 1)}
+    return {"ok": True, "embedded": embedded, "one_b": big, "wall_s": round(time.perf_counter() - start, 1),
+            "goals": "embedded <= 0.4, ~1B <= 0.7 (packed / sequential)"}
+
+
 def lora_step(dry: bool, device: torch.device, batch: int, seq: int, grid: int, steps: int) -> dict:
     from peft import LoraConfig, get_peft_model
 
@@ -147,17 +192,9 @@ def lora_step(dry: bool, device: torch.device, batch: int, seq: int, grid: int, 
     model = model.to(dtype)
     n_params = sum(p.numel() for p in model.parameters())
     n_vision = sum(p.numel() for p in model.model.visual.parameters())
-    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=r"model\.language_model\.layers\.\d+\.(?:self_attn\.(?:q|k|v|o)_proj|mlp\.(?:gate|up|down)_proj)"))
-    image_tokens = grid * grid // 4
-    ids = torch.randint(0, 30000, (batch, seq), device=device)
-    ids[:, 1] = config.vision_start_token_id
-    ids[:, 2:2 + image_tokens] = config.image_token_id
-    ids[:, 2 + image_tokens] = config.vision_end_token_id
-    patches = grid * grid
-    pixels = torch.randn(batch * patches, 3 * 2 * 14 * 14, device=device, dtype=dtype)
-    thw = torch.tensor([[1, grid, grid]] * batch, device=device)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels, "image_grid_thw": thw,
-              "mm_token_type_ids": (ids == config.image_token_id).long(), "labels": ids}
+    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=ALL_LLM_LINEAR))
+    image_tokens, patches = grid * grid // 4, grid * grid
+    inputs = synthetic_inputs(config, batch, seq, grid, device, dtype)
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
     peft_model.train()
     if device.type == "cuda":
@@ -211,6 +248,7 @@ def main(argv=None) -> int:
         report["memory_model_tiny_minicpmv"] = memory_check("tiny-minicpmv", args.out / "smoke-tiny-minicpmv", device.type)
         report["memory_model_tiny_qwen2_vl"] = memory_check(str(Path(tmp) / "qwen2_vl"), args.out / "smoke-tiny-qwen2-vl", device.type)
     report["race_vs_exhaustive"] = race_check(args.out, device.type)
+    report["packing"] = packing_check(args.cpu_dry_run, device)
     batch, seq, steps = (2, 96, 2) if args.cpu_dry_run else (args.batch, args.seq, args.steps)
     step = lora_step(args.cpu_dry_run, device, batch, seq, grid=8 if args.cpu_dry_run else 32, steps=steps)
     peak = peak_tflops(card, args.peak_tflops)
@@ -237,6 +275,16 @@ def main(argv=None) -> int:
                  f"uninterrupted ones: {r.get('identical')} (largest validation gap {r.get('max_val_gap')}); steps "
                  f"{r.get('race_steps')} vs {r.get('exhaustive_steps')}; wall {r.get('wall_s')}"
                  + (f"; error: {r['error']}" if r.get("error") else ""))
+    r = report["packing"]
+    if r.get("ok"):
+        for kind, x in r["embedded"].items():
+            lines.append(f"- packed runs, embedded model, K = 4 differing in {kind}: packed / sequential {x['ratio']:.3f} "
+                         f"({x['packed_s']:.2f} s vs {x['sequential_s']:.2f} s; goal <= 0.4); largest loss gap {x['loss_gap']:.1e}, weight gap {x['weight_gap']:.1e}")
+        b = r["one_b"]
+        lines.append(f"- packed runs, synthetic Qwen2-VL {b['params'] / 1e9:.2f}B, K = 4 x batch {b['batch_per_run']} x {b['seq']} tokens, LoRA r16 "
+                     f"on every LLM linear: packed step {b['packed_s'] * 1e3:.0f} ms vs 4 sequential steps {b['sequential_s'] * 1e3:.0f} ms = {b['ratio']:.3f} (goal <= 0.7)")
+    else:
+        lines.append(f"- packed runs: error: {r.get('error')}")
     s = step
     lines += ["", f"- LoRA step, synthetic Qwen2-VL {s['params'] / 1e9:.2f}B params ({s['vision_params'] / 1e6:.0f}M vision), "
               f"batch {s['batch']} x {s['seq']} tokens ({s['image_tokens']} image tokens each): median step {s['step_s_median'] * 1e3:.0f} ms, "

@@ -227,6 +227,20 @@ def amortization(reps: int, preset: str = "smoke", steps: int | None = 20, extra
             "process_per_cell_s": apart, "ratio": together / apart, "goal": "<= 0.6", "met": together / apart <= 0.6}
 
 
+def embedded_docvqa(n: int = 512, device: str = "cpu"):
+    """The embedded model loaded on ``device``, the docvqa suite and ``n`` training examples of it."""
+    from bench import suites
+    from bench.models import get_adapter
+    from suites.docvqa.generate import generate
+
+    torch.manual_seed(0)
+    adapter = get_adapter("tiny-minicpmv")
+    adapter.load(torch.device(device))
+    suite = suites.get("docvqa")
+    examples = [adapter.example(suite.prompt(it["question"]), it["image"], it["answers"][0]) for it in generate(n, seed=99)]
+    return adapter, suite, examples
+
+
 def machine_line() -> str:
     from bench.machine import versions
 
@@ -241,16 +255,8 @@ def _met(ok: bool) -> str:
 
 def section(reps: int) -> str:
     """The side-by-side table (training, generation, lm-eval, before/after, smoke-matrix amortization)."""
-    from bench import suites
-    from bench.models import get_adapter
-    from suites.docvqa.generate import generate
-
-    torch.manual_seed(0)
-    adapter = get_adapter("tiny-minicpmv")
-    adapter.load(torch.device("cpu"))
-    suite = suites.get("docvqa")
+    adapter, suite, examples = embedded_docvqa()
     data_dir = suite.prepare()
-    examples = [adapter.example(suite.prompt(it["question"]), it["image"], it["answers"][0]) for it in generate(512, seed=99)]
     t0 = time.perf_counter()
     tr = training_overhead(adapter, examples, reps)
     vc = vision_cache_effect(adapter, examples, reps)
