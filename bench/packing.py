@@ -57,9 +57,6 @@ class Pack:
     """K runs' adapters in place of the target linears of ``model``; :meth:`unpack` hands the base back."""
 
     model: torch.nn.Module
-    resolution: Resolution
-    cell: Cell
-    dropout: float
     seeds: list[int]
     layers: dict[str, PackedLoRALinear]
 
@@ -89,10 +86,10 @@ def pack(model: torch.nn.Module, resolution: Resolution, cell: Cell, dropout: fl
     inits: list[dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = []
     for seed in seeds:
         peft_model = attach(model, resolution, cell, dropout, seed)
+        weights = lora_weights(peft_model, resolution.lora)
         inner = peft_model.base_model.model
-        inits.append({n: (inner.get_submodule(n).lora_A[ADAPTER].weight.detach().clone(),
-                          inner.get_submodule(n).lora_B[ADAPTER].weight.detach().clone(),
-                          inner.get_submodule(n).scaling[ADAPTER]) for n in resolution.lora})
+        inits.append({n: (weights[f"{n}.lora_A.weight"], weights[f"{n}.lora_B.weight"], inner.get_submodule(n).scaling[ADAPTER])
+                      for n in resolution.lora})
         model = detach(peft_model)
     layers = {}
     for name in resolution.lora:
@@ -105,13 +102,20 @@ def pack(model: torch.nn.Module, resolution: Resolution, cell: Cell, dropout: fl
     for layer in layers.values():
         for p in [*layer.lora_A, *layer.lora_B]:
             p.requires_grad_(True)
-    return Pack(model, resolution, cell, dropout, list(seeds), layers)
+    return Pack(model, list(seeds), layers)
 
 
 def export_weights(pack_: Pack, k: int) -> dict[str, torch.Tensor]:
     """Run ``k``'s LoRA matrices under peft's parameter names (``<module>.lora_A.weight``...)."""
     return {f"{name}.lora_{part}.weight": getattr(layer, f"lora_{part}")[k].detach().clone()
             for name, layer in pack_.layers.items() for part in ("A", "B")}
+
+
+def lora_weights(peft_model, modules: list[str]) -> dict[str, torch.Tensor]:
+    """A peft model's LoRA matrices on ``modules``, named as :func:`export_weights` names them."""
+    inner = peft_model.base_model.model
+    return {f"{name}.lora_{part}.weight": getattr(inner.get_submodule(name), f"lora_{part}")[ADAPTER].weight.detach().clone()
+            for name in modules for part in ("A", "B")}
 
 
 def load_into(peft_model, weights: dict[str, torch.Tensor]) -> None:

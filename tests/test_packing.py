@@ -6,7 +6,7 @@ from accelerate import Accelerator
 from peft import PeftModel
 
 from bench.errors import BenchError
-from bench.packing import export_weights, load_into, pack, train_packed
+from bench.packing import export_weights, load_into, lora_weights, pack, train_packed
 from bench.space import Cell, TrainSettings
 from bench.train import attach, detach, resolve, train
 from suites.shapes.generate import generate
@@ -27,9 +27,7 @@ def sequential(tiny, examples, seed, lr):
     peft_model = attach(tiny.model, res, CELL, 0.0, seed)
     try:
         result = train(tiny, peft_model, examples, SETTINGS.at(lr), seed, Accelerator(cpu=True))
-        inner = peft_model.base_model.model
-        weights = {f"{n}.lora_{p}.weight": getattr(inner.get_submodule(n), f"lora_{p}")["default"].weight.detach().clone()
-                   for n in res.lora for p in "AB"}
+        weights = lora_weights(peft_model, res.lora)
     finally:
         tiny.model = detach(peft_model)
     return result.losses, weights
@@ -70,10 +68,9 @@ def test_packed_run_exports_a_peft_folder(tiny, examples, tmp_path):
         tiny.model = detach(peft_model)
     loaded = PeftModel.from_pretrained(tiny.model, tmp_path / "run1")
     try:
-        inner = loaded.base_model.model
-        for key, value in weights.items():
-            module, part = key.rsplit(".lora_", 1)
-            assert torch.equal(getattr(inner.get_submodule(module), f"lora_{part[0]}")["default"].weight, value)
+        reloaded = lora_weights(loaded, res.lora)
+        assert reloaded.keys() == weights.keys()
+        assert all(torch.equal(reloaded[n], weights[n]) for n in weights)
     finally:
         tiny.model = loaded.unload()
 

@@ -73,18 +73,15 @@ def training(adapter, examples, reps: int, steps: int = 30) -> dict:
     cell = Cell("all", 8, 16.0, "resampler+vpm")
     settings = TrainSettings(steps=steps, batch_size=32, lr=1e-3, lr_connector=1e-4, lr_vision=1e-4, warmup_steps=3)
     res = resolve(adapter.model, adapter.roles, cell)
-    finals = {}
 
     def run(bits: bool) -> float:
         peft_model = attach(adapter.model, res, cell, settings.lora_dropout, 0)
         try:
             if bits:
                 _swap(peft_model, settings.lora_dropout)
-            result = train(adapter, peft_model, examples, settings, 0, Accelerator(cpu=True))
+            return train(adapter, peft_model, examples, settings, 0, Accelerator(cpu=True)).train_s
         finally:
             adapter.model = detach(peft_model)
-        finals["bits" if bits else "peft"] = result.losses[-1]
-        return result.train_s
 
     def without() -> float:
         peft_model = attach(adapter.model, res, cell, 0.0, 0)
@@ -100,7 +97,7 @@ def training(adapter, examples, reps: int, steps: int = 30) -> dict:
         bits_s.append(run(True))
         none_s.append(without())
     return {"peft_s": statistics.median(peft_s), "bits_s": statistics.median(bits_s), "none_s": statistics.median(none_s),
-            "final_loss": finals, "steps": steps}
+            "steps": steps}
 
 
 def section(reps: int) -> str:

@@ -27,6 +27,7 @@ KINDS = {"seeds": ([0, 1, 2, 3], [1e-3] * K), "learning rates": ([0] * K, [3e-4,
 
 def _sequential(adapter, examples, settings, seeds, lrs, accelerator):
     """Each run through bench.train.train, as the runner trains them; losses, LoRA weights, seconds."""
+    from bench.packing import lora_weights
     from bench.space import Cell
     from bench.train import attach, detach, resolve, train
     from bench.vision_cache import VisionCache
@@ -40,9 +41,7 @@ def _sequential(adapter, examples, settings, seeds, lrs, accelerator):
             peft_model = attach(adapter.model, res, cell, settings.lora_dropout, seed)
             try:
                 result = train(adapter, peft_model, examples, settings.at(lr), seed, accelerator, vision_cache=cache)
-                inner = peft_model.base_model.model
-                weights.append({f"{n}.lora_{p}.weight": getattr(inner.get_submodule(n), f"lora_{p}")["default"].weight.detach().cpu().clone()
-                                for n in res.lora for p in "AB"})
+                weights.append({n: t.cpu() for n, t in lora_weights(peft_model, res.lora).items()})
             finally:
                 adapter.model = detach(peft_model)
             losses.append(result.losses)
@@ -75,9 +74,9 @@ def compare(adapter, examples, device: torch.device, reps: int, steps: int, batc
 
     accelerator = Accelerator(cpu=device.type == "cpu")
     base = TrainSettings(steps=steps, batch_size=batch_size, lr=1e-3, lr_connector=1e-3, lr_vision=1e-3, warmup_steps=2)
+    exact = replace(base, lora_dropout=0.0, steps=min(steps, 10))  # no random masks on either side
     out = {}
     for kind, (seeds, lrs) in KINDS.items():
-        exact = replace(base, lora_dropout=0.0, steps=min(steps, 10))
         sl, sw, _ = _sequential(adapter, examples, exact, seeds, lrs, accelerator)
         pl, pw, _ = _packed(adapter, examples, exact, seeds, lrs, accelerator)
         loss_gap = max(abs(a - b) for k in range(K) for a, b in zip(sl[k], pl[k]))
@@ -95,10 +94,13 @@ def compare(adapter, examples, device: torch.device, reps: int, steps: int, batc
 
 
 def synthetic_step(model, inputs: dict, target_regex: str, k: int, steps: int, device: torch.device, dtype) -> dict:
-    """One LoRA step of K runs on a big random model: K sequential peft steps on a batch each against one
-    packed step on the K batches stacked (different batches, as seeds). Median step times."""
-    from bench.packing import PackedLoRALinear, run_losses
-    from peft import LoraConfig, get_peft_model
+    """One LoRA step (r16) of K runs on a big random model: K sequential peft steps on a batch each against
+    one packed step on the K batches stacked. Median step times."""
+    import re
+
+    from bench.packing import pack, run_losses
+    from bench.space import Cell
+    from bench.train import Resolution, attach, detach
 
     def timed(step_fn) -> float:
         times = []
@@ -114,7 +116,10 @@ def synthetic_step(model, inputs: dict, target_regex: str, k: int, steps: int, d
         return statistics.median(times)
 
     autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda")  # noqa: E731
-    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=target_regex))
+    cell = Cell("all", 16, 32.0, "frozen")
+    names = [n for n, m in model.named_modules() if re.fullmatch(target_regex, n) and isinstance(m, torch.nn.Linear)]
+    resolution = Resolution(lora=names, full=[], target_regex=target_regex)
+    peft_model = attach(model, resolution, cell, 0.0, 0)
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
     peft_model.train()
 
@@ -127,23 +132,15 @@ def synthetic_step(model, inputs: dict, target_regex: str, k: int, steps: int, d
             opt.zero_grad(set_to_none=True)
 
     sequential_s = timed(sequential)
-    torch.cuda.empty_cache() if device.type == "cuda" else None
-    inner = peft_model.base_model.model
-    names = [n for n, m in inner.named_modules() if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})]
-    layers = []
-    for name in names:
-        m = inner.get_submodule(name)
-        a, b = m.lora_A["default"].weight, m.lora_B["default"].weight
-        layers.append((name, PackedLoRALinear(m.base_layer, [a] * k, [b] * k, m.scaling["default"], 0.0).to(device)))
-    model = peft_model.unload()
-    for name, layer in layers:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer)
-    opt = torch.optim.AdamW([{"params": [p for _, layer in layers for p in (layer.lora_A[i], layer.lora_B[i])], "lr": 1e-4}
-                             for i in range(k)])
+    model = detach(peft_model)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    packed_runs = pack(model, resolution, cell, 0.0, list(range(k)))
+    opt = torch.optim.AdamW([{"params": packed_runs.params(i), "lr": 1e-4} for i in range(k)])
     labels = inputs["labels"].repeat(k, 1)
     # repeated along the first dimension: Qwen2-VL's patch rows (all images together) repeat as a block, like the ids
     stacked = {n: (t.repeat(k, *([1] * (t.dim() - 1))) if torch.is_tensor(t) else t) for n, t in inputs.items() if n != "labels"}
+    model.train()
 
     def packed():
         with autocast():
@@ -152,7 +149,10 @@ def synthetic_step(model, inputs: dict, target_regex: str, k: int, steps: int, d
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    packed_s = timed(packed)
+    try:
+        packed_s = timed(packed)
+    finally:
+        packed_runs.unpack()
     return {"k": k, "sequential_s": sequential_s, "packed_s": packed_s, "ratio": packed_s / sequential_s}
 
 
