@@ -68,6 +68,19 @@ def test_replay_reaches_the_exhaustive_verdict_on_fewer_steps():
     assert {verdict.cell_name(c.key): c.seeds for c in raced.cells}["qk-r8-a16-frozen"] == 2
 
 
+def test_the_race_spends_its_oracle_floor_plus_the_second_seed_of_the_cells_that_left():
+    from bench.perf.racing import floor
+
+    levels = {("qk", "frozen"): 0.2, ("qv", "frozen"): 0.25, ("qk", "resampler"): 0.7, ("qv", "resampler"): 0.71}
+    records = exhaustive(levels)
+    rep = race.replay(records, CELLS, LRS, [0, 1, 2], STEPS)
+    n_set = len(verdict.judge(records)["docvqa"].best_set)
+    assert n_set == 2
+    assert floor(4, n_set, 3, 3, STEPS, None) == 4 * STEPS + 2 * 2 * STEPS  # rates known: one run, then the set's seeds
+    assert floor(4, n_set, 3, 3, STEPS, 1) == 4 * (3 * 5 + 5) + 2 * 2 * STEPS
+    assert rep.steps == floor(4, n_set, 3, 3, STEPS, race.survivors_at_rung(3)) + len(rep.last.exits) * STEPS
+
+
 def test_one_rate_and_one_seed_is_the_plain_matrix():
     p = race.plan([BASE], CELLS, [1e-3], [0], STEPS)
     assert {(j.cell, j.until) for j in p.jobs} == {(c, None) for c in CELLS}

@@ -6,6 +6,7 @@ assembled from all sections present (so one benchmark can be rerun without the o
     python -m bench.perf --only default-command  # python run_bench.py --suite docvqa from scratch, timed (~1.2 h on 2 cores)
     python -m bench.perf --only packing          # K packed runs vs the same runs one after another (~10 min)
     python -m bench.perf --only dropout          # LoRA dropout: peft's nn.Dropout vs an int64-bits mask (~5 min)
+    python -m bench.perf --only generation       # batched vs one-by-one generation, in phases, against the matmul rate (~3 min)
     python -m bench.perf --only overheads        # side by side: training, generation, lm-eval, smoke matrix (~12 min)
     python -m bench.perf --only phases           # the default cells at one rate and seed under cProfile, in phases (~18 min)
     python -m bench.perf --only default-matrix   # the default matrix, one process vs a process per cell (~40 min a repetition)
@@ -21,7 +22,7 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-RUNNABLE = ["racing", "default-command", "packing", "dropout", "overheads", "phases", "default-matrix"]
+RUNNABLE = ["racing", "default-command", "packing", "dropout", "generation", "overheads", "phases", "default-matrix"]
 ORDER = [*RUNNABLE, "phases-before"]  # phases-before: kept from before the fixes, not rerun
 TITLE = """# Performance: side-by-side measurements
 
@@ -66,6 +67,10 @@ def run(name: str, reps: int, matrix_reps: int) -> str:
         return section(reps)
     if name == "dropout":
         from bench.perf.dropout import section
+
+        return section(reps)
+    if name == "generation":
+        from bench.perf.generation import section
 
         return section(reps)
     if name == "overheads":
