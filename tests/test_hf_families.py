@@ -127,3 +127,59 @@ def test_memory_estimate_from_the_config_alone_equals_the_loaded_model(checkpoin
     assert Shape.of(skeleton, loaded.roles) == Shape.of(loaded.model, loaded.roles)
     for cell in (Cell("qv", 8, 16, "frozen"), Cell("all", 16, 32, "resampler+vpm"), Cell("qk", 4, 8, "vpm-lora")):
         assert estimate_on(skeleton, loaded.roles, cell, 2, 64, 16, 2) == estimate_on(loaded.model, loaded.roles, cell, 2, 64, 16, 2)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_vision_features_are_the_family_s_own_encoder_per_image(adapters, name):
+    """--similarity/--recommend embed images in the user's model: pooled states of its own vision
+    encoder after its own preprocessing; an image's features do not depend on its batch."""
+    import numpy as np
+
+    adapter = adapters[name]
+    rng = np.random.RandomState(0)
+    arrays = [rng.randint(0, 255, (40 + 8 * i, 56, 3), dtype=np.uint8) for i in range(3)]
+    feats = adapter.vision_features(arrays, torch.device("cpu"))
+    alone = adapter.vision_features(arrays[1:2], torch.device("cpu"))
+    for layer in ("early", "final"):
+        assert feats[layer].shape[0] == 3 and torch.isfinite(feats[layer]).all()
+        assert torch.allclose(feats[layer][1], alone[layer][0], atol=1e-5)
+        assert not torch.allclose(feats[layer][0], feats[layer][2])  # different images, different features
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "minicpmv4_6"])
+def test_recommend_in_the_user_s_own_model(checkpoints, tmp_path, name, capsys):
+    """A smoke matrix on two suites with a real family, then --recommend on a folder of images in that
+    model's features: the recommendation names a configuration that was measured."""
+    import itertools
+    import json
+
+    from bench.cli import main
+    from suites.chartqa.generate import generate
+    from suites.shapes.generate import generate as shapes
+
+    if name not in FAMILIES:
+        pytest.skip(f"{name} is not a family yet")
+    model = str(checkpoints / name)
+    out = tmp_path / "bench"
+    assert main(["--suite", "shapes,docvqa", "--preset", "smoke", "--targets", "qv", "--vision", "frozen,resampler",
+                 "--limit", "16", "--model", model, "--out", str(out)]) == 0, capsys.readouterr().err[-2000:]
+    mine, reference = tmp_path / "charts", tmp_path / "reference"
+    for folder, items in ((mine, generate(12, seed=11)), (reference, shapes(12, seed=5))):
+        folder.mkdir()
+        for i, item in enumerate(itertools.islice(items, 12)):
+            item["image"].save(folder / f"{i:03d}.png")
+    rec = tmp_path / "rec"
+    capsys.readouterr()
+    assert main(["--recommend", "--data", str(mine), "--model", model, "--results", str(out), "--samples", "12",
+                 "--reference", str(reference), "--out", str(rec)]) == 0, capsys.readouterr().err[-2000:]
+    chosen = json.loads((rec / "recommendation.json").read_text())["recommended"]
+    cells = [read_record(p) for p in record_files(out / "records")]
+    measured = {(r["cell"]["targets"], r["cell"]["rank"], r["cell"]["vision"]) for r in cells if r["kind"] == "cell"}
+    assert (chosen["targets"], chosen["rank"], chosen["vision"]) in measured
+    md = (rec / "recommendation.md").read_text()
+    assert f"**Recommended: {chosen['targets']} r{chosen['rank']}" in md and name in md and "## Calibration" in md
+    sim = tmp_path / "sim"
+    assert main(["--similarity", "--data", f"{mine},shapes", "--model", model, "--reference", str(reference),
+                 "--samples", "12", "--out", str(sim)]) == 0, capsys.readouterr().err[-2000:]
+    md = (sim / "similarity.md").read_text()
+    assert f"Image similarity in {name}" in md and "## Distance from pretraining" in md

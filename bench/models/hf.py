@@ -210,8 +210,60 @@ class HFAdapter(VLMAdapter):
         return [t.strip() for t in self.processor.batch_decode(new_ids, skip_special_tokens=True)]
 
     def vision_features(self, arrays, device):
-        raise BenchError(f"--similarity/--recommend embed images with the embedded model's vision encoder only so far; "
-                         f"{self.model_type} is not supported yet (use --model tiny-minicpmv for the distances)")
+        """Mean-pooled states of an early and the last layer of the family's own vision encoder, each image
+        preprocessed by the family's own image processor (tiles, slices or native resolution as the model
+        sees them in training). One image per call: families batch images differently (Qwen concatenates
+        patches, tilers add views), one at a time their tokens are that image's alone."""
+        layers = _encoder_layers(self.model.get_submodule(self.roles.vision))
+        picked = {"early": layers[max(0, len(layers) // 4 - 1)], "final": layers[-1]}  # as the embedded model pools
+        run, names = _image_encoder(self.model, self.roles.vision)
+        dtype = next(self.model.parameters()).dtype
+        out: dict[str, list[torch.Tensor]] = {"early": [], "final": []}
+        seen: dict[str, torch.Tensor] = {}
+
+        def keep(label):
+            def hook(_module, _args, output):
+                hidden = output[0] if isinstance(output, (tuple, list)) else getattr(output, "last_hidden_state", output)
+                seen[label] = hidden.float().reshape(-1, hidden.shape[-1]).mean(0)
+            return hook
+
+        handles = [module.register_forward_hook(keep(label)) for label, module in picked.items()]
+        try:
+            for array in arrays:
+                inputs = self.processor.image_processor(images=[Image.fromarray(array).convert("RGB")], return_tensors="pt")
+                kwargs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device))
+                          for k, v in inputs.items() if k in names and isinstance(v, torch.Tensor)}
+                seen.clear()
+                with torch.no_grad():
+                    run(**kwargs)
+                for label in out:
+                    out[label].append(seen[label])
+        finally:
+            for h in handles:
+                h.remove()
+        return {label: torch.stack(rows) for label, rows in out.items()}
+
+
+def _encoder_layers(vision: torch.nn.Module) -> torch.nn.ModuleList:
+    """The vision encoder's stack of layers: its longest ModuleList (blocks, layers; not a list of
+    deepstack mergers or of the global stage's few layers)."""
+    lists = [m for m in vision.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+    if not lists:
+        raise BenchError(f"cannot find the layers of the vision encoder ({type(vision).__name__}) to pool features from")
+    return max(lists, key=len)
+
+
+def _image_encoder(model: torch.nn.Module, vision_path: str):
+    """What runs the vision encoder on the image processor's outputs, and the input names it takes: the
+    family's ``get_image_features`` (it knows the keyword names, e.g. Qwen's grid), else the tower itself."""
+    for owner in (getattr(model, "model", None), model):
+        fn = getattr(owner, "get_image_features", None)
+        if fn is not None:
+            names = {n for n, p in inspect.signature(fn).parameters.items() if p.kind is p.POSITIONAL_OR_KEYWORD}
+            if "pixel_values" in names:
+                return fn, names
+    tower = model.get_submodule(vision_path)
+    return tower, set(inspect.signature(tower.forward).parameters)
 
 
 def register_image_only_processors() -> None:
