@@ -1,6 +1,7 @@
 """transformers-native families: tiny random checkpoints built offline, driven through --model FOLDER."""
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,6 +72,26 @@ def test_labels_cover_the_answer_and_end_of_turn_only(adapters, name):
         assert text.strip().startswith(answer) and text.strip() != answer, text  # answer + an end-of-turn token
     loss = adapter.forward_loss(adapter.model, batch)
     assert torch.isfinite(loss)
+
+
+def test_labels_fall_back_to_the_prompt_s_own_length_when_the_answer_tokenizes_differently_alone(adapters, monkeypatch):
+    """Labels are the row's last tokens when the continuation tokenizes the same alone; a BPE merge
+    across the prompt/answer boundary makes them differ, and the prompt is then counted on its own."""
+    from PIL import Image
+
+    adapter = adapters["qwen2_vl"]
+    examples = [adapter.example("What colour is it?", Image.new("RGB", (64, 64), (200, 30, 30)), a) for a in ("red", "green")]
+    expected = adapter.train_batch(examples, torch.device("cpu"))["labels"]
+    real = adapter.tokenizer.__class__.__call__
+
+    def merged(self, text, *args, **kwargs):  # as if the answer's first characters merged with the prompt's end
+        out = real(self, text, *args, **kwargs)
+        if isinstance(text, str):
+            out["input_ids"] = [0, *out["input_ids"]]
+        return out
+
+    monkeypatch.setattr(adapter.tokenizer.__class__, "__call__", merged)
+    assert torch.equal(adapter.train_batch(examples, torch.device("cpu"))["labels"], expected)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -183,3 +204,41 @@ def test_recommend_in_the_user_s_own_model(checkpoints, tmp_path, name, capsys):
                  "--samples", "12", "--out", str(sim)]) == 0, capsys.readouterr().err[-2000:]
     md = (sim / "similarity.md").read_text()
     assert f"Image similarity in {name}" in md and "## Distance from pretraining" in md
+
+
+REAL_DOCVQA = Path(__file__).resolve().parents[2] / "shared" / "real-data" / "docvqa-val-3pages"
+
+
+@pytest.mark.skipif(not REAL_DOCVQA.is_dir(), reason="the real DocVQA pages are not beside this checkout")
+@pytest.mark.parametrize("name", NAMES)
+def test_every_family_trains_and_generates_on_a_real_page(adapters, name):
+    """A real DocVQA page (grayscale, ~1800x2300) through each family's own preprocessing: resized,
+    tiled or sliced as the family does, converted to RGB; a finite loss and an answer."""
+    from PIL import Image
+
+    adapter = adapters[name]
+    page = max((REAL_DOCVQA / "documents").glob("*.png"), key=lambda p: p.stat().st_size)
+    with Image.open(page) as im:
+        assert im.mode == "L" and min(im.size) > 1000
+    batch = adapter.train_batch([adapter.example("What is the date?", str(page), "1962")], torch.device("cpu"))
+    assert torch.isfinite(adapter.forward_loss(adapter.model, batch))
+    with Image.open(page) as im:
+        array = adapter.image_array(im)
+    prompt = adapter.prompt_batch([adapter.encode_prompt("What is the date?")], [array], torch.device("cpu"))
+    assert adapter.generate_ids(adapter.model, prompt, 3).shape[0] == 1
+
+
+@pytest.mark.skipif(not REAL_DOCVQA.is_dir(), reason="the real DocVQA pages are not beside this checkout")
+@pytest.mark.parametrize("name", ["qwen2_vl", "llava_onevision", "smolvlm"])  # dynamic resolution, anyres tiles, splitting
+def test_smoke_matrix_on_real_pages(checkpoints, tmp_path, name, capsys):
+    """The real pages as --data, end to end: one page per split, official-format questions."""
+    from bench.cli import main
+
+    out = tmp_path / "out"
+    code = main(["--suite", "docvqa", "--data", str(REAL_DOCVQA), "--preset", "smoke", "--targets", "qv",
+                 "--vision", "frozen", "--model", str(checkpoints / name), "--out", str(out)])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    records = [read_record(p) for p in record_files(out / "records" / "docvqa", "")]
+    cells = [r for r in records if r["kind"] == "cell"]
+    assert len(cells) == 1 and cells[0]["status"] == "ok", [r.get("error") for r in cells]
+    assert len(cells[0]["items"]) >= 1 and "val_score" in cells[0]

@@ -183,13 +183,22 @@ class HFAdapter(VLMAdapter):
             return self._to(batch, device)
         full = self.processor(text=[e.prompt + e.continuation for e in examples], images=images, padding="longest",
                               padding_side="left", return_tensors="pt")
-        head = self.processor(text=[e.prompt for e in examples], images=images, padding="longest", padding_side="left",
-                              return_tensors="pt")
         labels = torch.full_like(full["input_ids"], -100)
-        for row in range(len(examples)):
+        tails = [self.tokenizer(e.continuation, add_special_tokens=False)["input_ids"] for e in examples]
+        starts = []
+        for row, tail in enumerate(tails):
             real = full["attention_mask"][row].nonzero().flatten()
-            n_prompt = int(head["attention_mask"][row].sum())
-            labels[row, real[n_prompt:]] = full["input_ids"][row, real[n_prompt:]]
+            ids = full["input_ids"][row, real].tolist()
+            # the answer is the tokens after the prompt; when the continuation tokenizes the same alone
+            # (no merge across the boundary), they are the row's last len(tail) tokens
+            starts.append(len(ids) - len(tail) if tail and ids[-len(tail):] == tail else None)
+        if None in starts:  # a merge across the boundary: count the prompt's own tokens (images processed again)
+            head = self.processor(text=[e.prompt for e in examples], images=images, padding="longest",
+                                  padding_side="left", return_tensors="pt")
+            starts = [int(head["attention_mask"][row].sum()) for row in range(len(examples))]
+        for row, start in enumerate(starts):
+            real = full["attention_mask"][row].nonzero().flatten()
+            labels[row, real[start:]] = full["input_ids"][row, real[start:]]
         full["labels"] = labels
         return self._to(full, device)
 
