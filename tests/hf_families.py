@@ -79,6 +79,38 @@ IDEFICS3 = (
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 
+# Gemma 3's own template (google/gemma-3-*-it): renders <bos> itself, the assistant turn is "model",
+# an image is <start_of_image> (the processor expands it), every turn ends with <end_of_turn>
+GEMMA3 = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- if messages[0]['content'] is string -%}{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- else -%}{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}{%- endif -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}"
+    "{%- if (message['role'] == 'assistant') -%}{%- set role = 'model' -%}{%- else -%}{%- set role = message['role'] -%}{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
+    "{%- elif message['content'] is iterable -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}{%- endfor -%}"
+    "{%- else -%}{{ raise_exception('Invalid content type') }}{%- endif -%}"
+    "{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+# InternVL-hf: ChatML, an image is <IMG_CONTEXT> (the processor expands it to <img> + context tokens + </img>)
+CHATML_INTERNVL = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<IMG_CONTEXT>\n{% elif c['type'] == 'video' %}<video>\n"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
 def qwen_tokenizer():
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                 "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
@@ -266,6 +298,60 @@ def build_paligemma():
     return {"model": model, "processor": proc}
 
 
+def build_gemma3():
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    named = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    # like the real Gemma tokenizer it adds <bos>; the template renders one too (the family's template_bos)
+    tok = char_tokenizer(specials=named, bos="<bos>", eos="<eos>", pad="<pad>", chat_template=GEMMA3, add_bos_token=True)
+    tok.add_special_tokens({"extra_special_tokens": ["<start_of_turn>", "<end_of_turn>"]}, replace_extra_special_tokens=False)
+    ip = Gemma3ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_pan_and_scan=False)
+    # SigLIP 32/8 = 4x4 patches, average-pooled by the projector to mm_tokens_per_image = 2x2 = 4 soft tokens
+    proc = Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=4, chat_template=GEMMA3)
+    ids = tok.convert_tokens_to_ids
+    cfg = Gemma3Config(
+        vision_config=dict(TINY_SIGLIP),
+        # q_norm/k_norm stay (always built); layer 0 slides over a 16-token window, layer 1 attends fully
+        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                         sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+                         max_position_embeddings=512, bos_token_id=ids("<bos>"),
+                         eos_token_id=[ids("<eos>"), ids("<end_of_turn>")], pad_token_id=ids("<pad>")),
+        mm_tokens_per_image=4, boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
+        image_token_index=ids("<image_soft_token>"),
+    )
+    model = Gemma3ForConditionalGeneration(cfg)
+    return {"model": model, "processor": proc}
+
+
+def build_internvl():
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    named = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+             "video_token": "<video>"}
+    tok = char_tokenizer(specials=named, eos="<|im_end|>", pad="<|endoftext|>", chat_template=CHATML_INTERNVL)
+    tok.add_special_tokens({"extra_special_tokens": ["<|im_start|>", "<|endoftext|>"]}, replace_extra_special_tokens=False)
+    # the processor crops to tiles by default: at most 2 tiles of 32x32 (+ a thumbnail when there are 2)
+    ip = GotOcr2ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, max_patches=2)
+    # InternViT 32/8 = 4x4 patches (CLS dropped), pixel shuffle 0.5 -> 2x2 = 4 tokens per tile
+    proc = image_only(InternVLProcessor)(image_processor=ip, tokenizer=tok, image_seq_length=4,
+                                         chat_template=CHATML_INTERNVL)
+    ids = tok.convert_tokens_to_ids
+    cfg = InternVLConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=IMAGE_SIZE, patch_size=8),
+        text_config=dict(model_type="qwen2", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>")),
+        image_token_id=ids("<IMG_CONTEXT>"), image_seq_length=4, downsample_ratio=0.5,
+        vision_feature_layer=-1, vision_feature_select_strategy="default",
+    )
+    model = InternVLForConditionalGeneration(cfg)
+    return {"model": model, "processor": proc}
+
+
 FAMILIES = {
     "qwen2_vl": build_qwen2_vl,
     "qwen2_5_vl": build_qwen2_5_vl,
@@ -274,6 +360,8 @@ FAMILIES = {
     "idefics3": build_idefics3,
     "smolvlm": build_smolvlm,
     "paligemma": build_paligemma,
+    "gemma3": build_gemma3,
+    "internvl": build_internvl,
 }
 
 

@@ -1,6 +1,6 @@
 """transformers-native VLM families, loaded from a local folder with the Auto classes.
 
-Each family is one entry of :data:`FAMILIES` (its role map and two quirks); one adapter drives them
+Each family is one entry of :data:`FAMILIES` (its role map and a few quirk flags); one adapter drives them
 all through the family's own processor and chat template: the prompt is the user turn with one image,
 the training target is what the chat template renders for the assistant turn (answer + end-of-turn),
 the processor expands the image placeholders, and labels cover the answer tokens only.
@@ -25,6 +25,7 @@ MLP = {"gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 LANGUAGE_LAYER = r"model\.language_model\.layers\.\d+"
 TEXT_LAYER = r"model\.text_model\.layers\.\d+"  # Idefics3 / SmolVLM name their LLM text_model
 ENCODER_LINEAR = r"\.encoder\.layers\.\d+\.(?:self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])"  # CLIP / SigLIP towers
+INTERN_VIT_LINEAR = r"\.encoder\.layer\.\d+\.(?:attention\.(?:q_proj|k_proj|v_proj|projection_layer)|mlp\.fc[12])"  # InternViT
 
 
 def _roles(vision: str, connector: str, llm_layer: str, vision_linear: str) -> RoleMap:
@@ -35,8 +36,9 @@ def _roles(vision: str, connector: str, llm_layer: str, vision_linear: str) -> R
 @dataclass(frozen=True)
 class Family:
     roles: RoleMap
-    nested_images: bool = False  # the processor wants one list of images per sample (SmolVLM)
+    nested_images: bool = False  # the processor wants one list of images per sample (SmolVLM, Gemma 3)
     suffix_labels: bool = False  # the processor builds prompt + answer + labels itself from ``suffix`` (PaliGemma)
+    template_bos: bool = False  # the chat template renders <bos> itself: the tokenizer must not add another (Gemma 3)
 
 
 _CLIP_LIKE = {"vision": "model.vision_tower", "connector": "model.multi_modal_projector"}
@@ -55,6 +57,9 @@ FAMILIES: dict[str, Family] = {
     "idefics3": Family(_roles("model.vision_model", "model.connector", TEXT_LAYER, r"model\.vision_model" + ENCODER_LINEAR)),
     "smolvlm": Family(_roles("model.vision_model", "model.connector", TEXT_LAYER, r"model\.vision_model" + ENCODER_LINEAR),
                       nested_images=True),
+    "gemma3": Family(_roles(**_CLIP_LIKE, llm_layer=LANGUAGE_LAYER, vision_linear=r"model\.vision_tower" + ENCODER_LINEAR),
+                     nested_images=True, template_bos=True),
+    "internvl": Family(_roles(**_CLIP_LIKE, llm_layer=LANGUAGE_LAYER, vision_linear=r"model\.vision_tower" + INTERN_VIT_LINEAR)),
 }
 
 
@@ -123,6 +128,8 @@ class HFAdapter(VLMAdapter):
         size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
         if isinstance(size, (list, tuple)):
             size = size[0]
+        if isinstance(patch, (list, tuple)):  # InternViT keeps (height, width) for both
+            patch = patch[0]
         return (size // patch) ** 2 if isinstance(size, int) and isinstance(patch, int) and patch else None
 
     # ---------------------------------------------------------------- text
@@ -172,6 +179,9 @@ class HFAdapter(VLMAdapter):
             opened.append(im.convert("RGB"))
         return [[im] for im in opened] if self.spec.nested_images else opened
 
+    def _specials(self) -> dict:
+        return {"add_special_tokens": False} if self.spec.template_bos else {}
+
     def _to(self, batch, device) -> dict:
         return {k: v.to(device) for k, v in batch.items() if k in self._forward_keys and hasattr(v, "to")}
 
@@ -182,7 +192,7 @@ class HFAdapter(VLMAdapter):
                                    padding="longest", padding_side="left", return_tensors="pt")
             return self._to(batch, device)
         full = self.processor(text=[e.prompt + e.continuation for e in examples], images=images, padding="longest",
-                              padding_side="left", return_tensors="pt")
+                              padding_side="left", return_tensors="pt", **self._specials())
         labels = torch.full_like(full["input_ids"], -100)
         tails = [self.tokenizer(e.continuation, add_special_tokens=False)["input_ids"] for e in examples]
         starts = []
@@ -194,7 +204,7 @@ class HFAdapter(VLMAdapter):
             starts.append(len(ids) - len(tail) if tail and ids[-len(tail):] == tail else None)
         if None in starts:  # a merge across the boundary: count the prompt's own tokens (images processed again)
             head = self.processor(text=[e.prompt for e in examples], images=images, padding="longest",
-                                  padding_side="left", return_tensors="pt")
+                                  padding_side="left", return_tensors="pt", **self._specials())
             starts = [int(head["attention_mask"][row].sum()) for row in range(len(examples))]
         for row, start in enumerate(starts):
             real = full["attention_mask"][row].nonzero().flatten()
@@ -204,7 +214,7 @@ class HFAdapter(VLMAdapter):
 
     def prompt_batch(self, prompts: list[str], arrays: list[np.ndarray], device) -> dict:
         batch = self.processor(text=prompts, images=self._images(arrays), padding="longest", padding_side="left",
-                               return_tensors="pt")
+                               return_tensors="pt", **self._specials())
         return self._to(batch, device)
 
     def forward_loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
@@ -277,7 +287,7 @@ def _image_encoder(model: torch.nn.Module, vision_path: str):
 
 def register_image_only_processors() -> None:
     """Without torchvision, transformers 5 cannot build processors that declare a video processor
-    (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, SmolVLM): the constructor type-checks the empty video slot
+    (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, SmolVLM, InternVL): the constructor type-checks the empty video slot
     against a torchvision-only class. Image+text subclasses, registered with AutoProcessor, load the
     same saved files. With torchvision installed nothing is changed."""
     from transformers.utils import is_torchvision_available
@@ -295,7 +305,8 @@ def register_image_only_processors() -> None:
     except ImportError:
         pass
     for proc_name, config_name in (("Qwen2VLProcessor", "Qwen2VLConfig"), ("Qwen2_5_VLProcessor", "Qwen2_5_VLConfig"),
-                                   ("LlavaOnevisionProcessor", "LlavaOnevisionConfig"), ("SmolVLMProcessor", "SmolVLMConfig")):
+                                   ("LlavaOnevisionProcessor", "LlavaOnevisionConfig"), ("SmolVLMProcessor", "SmolVLMConfig"),
+                                   ("InternVLProcessor", "InternVLConfig")):
         parent, config = getattr(transformers, proc_name), getattr(transformers, config_name)
         AutoProcessor.register(config, image_only(parent), exist_ok=True)
 
