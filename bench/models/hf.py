@@ -35,7 +35,7 @@ def _roles(vision: str, connector: str, llm_layer: str, vision_linear: str) -> R
 @dataclass(frozen=True)
 class Family:
     roles: RoleMap
-    nested_images: bool = False  # the processor wants one list of images per sample (SmolVLM)
+    nested_images: bool = False  # the processor wants one list of images per sample (SmolVLM, Mllama)
     suffix_labels: bool = False  # the processor builds prompt + answer + labels itself from ``suffix`` (PaliGemma)
 
 
@@ -55,6 +55,13 @@ FAMILIES: dict[str, Family] = {
     "idefics3": Family(_roles("model.vision_model", "model.connector", TEXT_LAYER, r"model\.vision_model" + ENCODER_LINEAR)),
     "smolvlm": Family(_roles("model.vision_model", "model.connector", TEXT_LAYER, r"model\.vision_model" + ENCODER_LINEAR),
                       nested_images=True),
+    # Llama 3.2 Vision: the image enters through cross-attention layers interleaved with the self-attention
+    # layers (one or the other per decoder layer): each attention role means that layer's attention of either kind.
+    "mllama": Family(RoleMap(
+        vision="model.vision_model", connector="model.multi_modal_projector", llm_layer=LANGUAGE_LAYER,
+        attention={r: rf"(?:self_attn|cross_attn)\.{r}_proj" for r in "qkvo"}, mlp=dict(MLP), names_are_regex=True,
+        vision_linear=r"model\.vision_model\.(?:global_)?transformer\.layers\.\d+\.(?:self_attn\.[qkvo]_proj|mlp\.fc[12])"),
+        nested_images=True),
 }
 
 
@@ -123,7 +130,8 @@ class HFAdapter(VLMAdapter):
         size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
         if isinstance(size, (list, tuple)):
             size = size[0]
-        return (size // patch) ** 2 if isinstance(size, int) and isinstance(patch, int) and patch else None
+        tiles = getattr(vision, "max_num_tiles", 1)  # Mllama encodes up to this many tiles of each image
+        return tiles * (size // patch) ** 2 if isinstance(size, int) and isinstance(patch, int) and patch else None
 
     # ---------------------------------------------------------------- text
     def _messages(self, prompt: str, answer: str | None = None) -> list[dict]:
