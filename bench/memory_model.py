@@ -105,7 +105,7 @@ class Shape:
             if q.fullmatch(name):
                 queries.append(m)
             elif vision.fullmatch(name):
-                layer = re.search(r"\.(\d+)\.", name)
+                layer = re.match(r"(.*?\.\d+)\.", name)  # keyed by path, not index: Mllama has two stacks of layers
                 vision_layers.setdefault(layer.group(1) if layer else name, m.in_features)
         if not queries:
             raise ValueError("no query projection in the language model (check the family's role map)")

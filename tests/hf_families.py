@@ -352,6 +352,48 @@ def build_internvl():
     return {"model": model, "processor": proc}
 
 
+LLAMA_32_VISION = (  # the Llama 3.2 Vision template without its tool/system branches
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|image|>{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def build_mllama():
+    from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+    tok = char_tokenizer(specials={"image_token": "<|image|>"}, bos="<|begin_of_text|>", eos="<|eot_id|>",
+                         pad="<|finetune_right_pad_id|>", chat_template=LLAMA_32_VISION)
+    tok.add_special_tokens({"extra_special_tokens": ["<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                                                     "<|python_tag|>"]}, replace_extra_special_tokens=False)
+    # one 32x32 tile per image (no tiling): aspect ratio [1, 1] only, id 1
+    ip = MllamaImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, max_image_tiles=1)
+    proc = MllamaProcessor(image_processor=ip, tokenizer=tok, chat_template=LLAMA_32_VISION)
+    ids = tok.convert_tokens_to_ids
+    cfg = MllamaConfig(
+        # the projector reads the last hidden state + the intermediate layers' states concatenated: 32 * (1 + 2)
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1,
+                           attention_heads=2, image_size=IMAGE_SIZE, patch_size=8, max_num_tiles=1,
+                           supported_aspect_ratios=[[1, 1]], intermediate_layers_indices=[0, 1], vision_output_dim=96),
+        # layer 0 self-attention, layer 1 cross-attention to the image
+        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         cross_attention_layers=[1], bos_token_id=ids("<|begin_of_text|>"),
+                         eos_token_id=ids("<|eot_id|>"), pad_token_id=ids("<|finetune_right_pad_id|>")),
+        image_token_index=ids("<|image|>"),
+    )
+    model = MllamaForConditionalGeneration(cfg)
+    with torch.no_grad():  # the tanh gates start at 0 (an image-blind LLM); a trained checkpoint's are open
+        for layer in model.model.language_model.layers:
+            if hasattr(layer, "cross_attn_attn_gate"):
+                layer.cross_attn_attn_gate.fill_(1.0)
+                layer.cross_attn_mlp_gate.fill_(1.0)
+    return {"model": model, "processor": proc}
+
+
 FAMILIES = {
     "qwen2_vl": build_qwen2_vl,
     "qwen2_5_vl": build_qwen2_5_vl,
@@ -362,6 +404,7 @@ FAMILIES = {
     "paligemma": build_paligemma,
     "gemma3": build_gemma3,
     "internvl": build_internvl,
+    "mllama": build_mllama,
 }
 
 

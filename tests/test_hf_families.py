@@ -58,6 +58,29 @@ def test_role_map_matches_the_model(adapters, name):
         assert all(name in modules for name in resolution.full)
 
 
+def test_mllama_roles_mean_self_or_cross_attention_and_its_inputs_reach_forward(adapters):
+    """Mllama: a decoder layer self-attends or cross-attends to the image; each attention role is that
+    layer's projection of either kind (q,v LoRAs both), and the tile/cross-attention inputs reach forward."""
+    from PIL import Image
+
+    from bench.space import Cell
+
+    adapter = adapters["mllama"]
+    lora = resolve(adapter.model, adapter.roles, Cell("qv", 4, 8, "frozen")).lora
+    assert sorted(re.sub(r"^.*?\.\d+\.", "", n) for n in lora) == [
+        "cross_attn.q_proj", "cross_attn.v_proj", "self_attn.q_proj", "self_attn.v_proj"]
+    image = Image.new("RGB", (48, 32), (200, 30, 30))
+    batch = adapter.train_batch([adapter.example("What colour is it?", image, "red")], torch.device("cpu"))
+    assert {"aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask", "pixel_values"} <= set(batch)
+    assert batch["pixel_values"].shape[:3] == (1, 1, 1)  # one image, one tile
+    other = adapter.train_batch([adapter.example("What colour is it?", Image.new("RGB", (48, 32), (0, 0, 255)), "red")],
+                                torch.device("cpu"))
+    with torch.no_grad():  # the image reaches the loss through the cross-attention layer
+        assert adapter.forward_loss(adapter.model, batch) != adapter.forward_loss(adapter.model, other)
+    prompt = adapter.prompt_batch([adapter.encode_prompt("What colour is it?")], [adapter.image_array(image)], "cpu")
+    assert {"aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask"} <= set(prompt)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_labels_cover_the_answer_and_end_of_turn_only(adapters, name):
     from PIL import Image

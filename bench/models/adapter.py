@@ -27,6 +27,8 @@ class RoleMap:
     projection role (``q``, ``k``, ``v``, ``o``; ``gate``, ``up``, ``down``) to its name inside a layer.
     ``vision`` and ``connector`` are module paths trained fully (``modules_to_save``) when a vision
     policy asks; ``vision_linear`` matches the vision encoder's linear layers for LoRA inside it.
+    ``names_are_regex`` makes the attention/mlp names regexes (a role that is a different module in
+    different layers, e.g. Mllama's ``(?:self_attn|cross_attn)\\.q_proj``); by default they are literal.
     """
 
     vision: str
@@ -36,6 +38,7 @@ class RoleMap:
     mlp: dict[str, str]
     vision_linear: str
     extra: dict[str, str] = field(default_factory=dict)
+    names_are_regex: bool = False
 
     def llm_pattern(self, roles: tuple[str, ...]) -> str:
         names = []
@@ -46,7 +49,7 @@ class RoleMap:
                 names.append(self.mlp[role])
             else:
                 raise KeyError(role)
-        alternatives = "|".join(re.escape(n) for n in names)
+        alternatives = "|".join(n if self.names_are_regex else re.escape(n) for n in names)
         return rf"{self.llm_layer}\.(?:{alternatives})"
 
 

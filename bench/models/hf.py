@@ -36,7 +36,7 @@ def _roles(vision: str, connector: str, llm_layer: str, vision_linear: str) -> R
 @dataclass(frozen=True)
 class Family:
     roles: RoleMap
-    nested_images: bool = False  # the processor wants one list of images per sample (SmolVLM, Gemma 3)
+    nested_images: bool = False  # the processor wants one list of images per sample (SmolVLM, Gemma 3, Mllama)
     suffix_labels: bool = False  # the processor builds prompt + answer + labels itself from ``suffix`` (PaliGemma)
     template_bos: bool = False  # the chat template renders <bos> itself: the tokenizer must not add another (Gemma 3)
 
@@ -60,6 +60,13 @@ FAMILIES: dict[str, Family] = {
     "gemma3": Family(_roles(**_CLIP_LIKE, llm_layer=LANGUAGE_LAYER, vision_linear=r"model\.vision_tower" + ENCODER_LINEAR),
                      nested_images=True, template_bos=True),
     "internvl": Family(_roles(**_CLIP_LIKE, llm_layer=LANGUAGE_LAYER, vision_linear=r"model\.vision_tower" + INTERN_VIT_LINEAR)),
+    # Llama 3.2 Vision: the image enters through cross-attention layers interleaved with the self-attention
+    # layers (one or the other per decoder layer): each attention role means that layer's attention of either kind.
+    "mllama": Family(RoleMap(
+        vision="model.vision_model", connector="model.multi_modal_projector", llm_layer=LANGUAGE_LAYER,
+        attention={r: rf"(?:self_attn|cross_attn)\.{r}_proj" for r in "qkvo"}, mlp=dict(MLP), names_are_regex=True,
+        vision_linear=r"model\.vision_model\.(?:global_)?transformer\.layers\.\d+\.(?:self_attn\.[qkvo]_proj|mlp\.fc[12])"),
+        nested_images=True),
 }
 
 
@@ -130,7 +137,8 @@ class HFAdapter(VLMAdapter):
             size = size[0]
         if isinstance(patch, (list, tuple)):  # InternViT keeps (height, width) for both
             patch = patch[0]
-        return (size // patch) ** 2 if isinstance(size, int) and isinstance(patch, int) and patch else None
+        tiles = getattr(vision, "max_num_tiles", 1)  # Mllama encodes up to this many tiles of each image
+        return tiles * (size // patch) ** 2 if isinstance(size, int) and isinstance(patch, int) and patch else None
 
     # ---------------------------------------------------------------- text
     def _messages(self, prompt: str, answer: str | None = None) -> list[dict]:
