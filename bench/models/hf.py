@@ -37,6 +37,7 @@ class Family:
     roles: RoleMap
     nested_images: bool = False  # the processor wants one list of images per sample (SmolVLM)
     suffix_labels: bool = False  # the processor builds prompt + answer + labels itself from ``suffix`` (PaliGemma)
+    string_answer: bool = False  # the chat template prints the assistant's content as is: give it a string (GLM-4.1V)
 
 
 _CLIP_LIKE = {"vision": "model.vision_tower", "connector": "model.multi_modal_projector"}
@@ -55,6 +56,16 @@ FAMILIES: dict[str, Family] = {
     "idefics3": Family(_roles("model.vision_model", "model.connector", TEXT_LAYER, r"model\.vision_model" + ENCODER_LINEAR)),
     "smolvlm": Family(_roles("model.vision_model", "model.connector", TEXT_LAYER, r"model\.vision_model" + ENCODER_LINEAR),
                       nested_images=True),
+    # Qwen3-VL's DeepStack mergers (model.visual.deepstack_merger_list) have no module path in common with
+    # model.visual.merger but the tower: they count as vision encoder (trained fully by resampler+vpm only)
+    "qwen3_vl": Family(_roles("model.visual", "model.visual.merger", LANGUAGE_LAYER,
+                              r"model\.visual\.blocks\.\d+\.(?:attn\.(?:qkv|proj)|mlp\.linear_fc[12])")),
+    # GLM-4.1V's LLM MLP is one fused gate_up_proj: LoRA on it stands for both gate and up
+    "glm4v": Family(RoleMap(vision="model.visual", connector="model.visual.merger", llm_layer=LANGUAGE_LAYER,
+                            attention=dict(ATTENTION), mlp={"gate": "mlp.gate_up_proj", "up": "mlp.gate_up_proj",
+                                                            "down": "mlp.down_proj"},
+                            vision_linear=r"model\.visual\.blocks\.\d+\.(?:attn\.(?:qkv|proj)|mlp\.(?:gate|up|down)_proj)"),
+                    string_answer=True),
 }
 
 
@@ -129,7 +140,8 @@ class HFAdapter(VLMAdapter):
     def _messages(self, prompt: str, answer: str | None = None) -> list[dict]:
         turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         if answer is not None:
-            turns.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+            content = answer if self.spec.string_answer else [{"type": "text", "text": answer}]
+            turns.append({"role": "assistant", "content": content})
         return turns
 
     def encode_prompt(self, prompt: str) -> str:
@@ -216,9 +228,9 @@ class HFAdapter(VLMAdapter):
 
 def register_image_only_processors() -> None:
     """Without torchvision, transformers 5 cannot build processors that declare a video processor
-    (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, SmolVLM): the constructor type-checks the empty video slot
-    against a torchvision-only class. Image+text subclasses, registered with AutoProcessor, load the
-    same saved files. With torchvision installed nothing is changed."""
+    (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4.1V, LLaVA-OneVision, SmolVLM): the constructor type-checks
+    the empty video slot against a torchvision-only class. Image+text subclasses, registered with
+    AutoProcessor, load the same saved files. With torchvision installed nothing is changed."""
     from transformers.utils import is_torchvision_available
 
     if is_torchvision_available():
@@ -234,7 +246,8 @@ def register_image_only_processors() -> None:
     except ImportError:
         pass
     for proc_name, config_name in (("Qwen2VLProcessor", "Qwen2VLConfig"), ("Qwen2_5_VLProcessor", "Qwen2_5_VLConfig"),
-                                   ("LlavaOnevisionProcessor", "LlavaOnevisionConfig"), ("SmolVLMProcessor", "SmolVLMConfig")):
+                                   ("LlavaOnevisionProcessor", "LlavaOnevisionConfig"), ("SmolVLMProcessor", "SmolVLMConfig"),
+                                   ("Qwen3VLProcessor", "Qwen3VLConfig"), ("Glm4vProcessor", "Glm4vConfig")):
         parent, config = getattr(transformers, proc_name), getattr(transformers, config_name)
         AutoProcessor.register(config, image_only(parent), exist_ok=True)
 
