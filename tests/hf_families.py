@@ -394,6 +394,73 @@ def build_mllama():
     return {"model": model, "processor": proc}
 
 
+def build_qwen3_vl():
+    # hidden_size = ViT width, out_hidden_size = merger output (= text hidden); the learned position grid is
+    # num_position_embeddings = 4x4 (resampled per image); deepstack_visual_indexes=[0]: block 0's features go
+    # through model.visual.deepstack_merger_list.0 into LLM layer 0. Qwen3-VL reuses Qwen2-VL's image processor.
+    import transformers
+
+    tok = qwen_tokenizer()
+    proc = image_only(transformers.Qwen3VLProcessor)(
+        image_processor=qwen_image_processor(), tokenizer=tok, chat_template=CHATML_QWEN_VL)
+    text, top = qwen_vl_common(tok)
+    text.pop("bos_token_id")
+    # explicit head_dim (the config's default is 128); 8 rotary frequencies, interleaved T/H/W sections
+    text.update(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2],
+                                              "mrope_interleaved": True})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=8,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16, deepstack_visual_indexes=[0])
+    config = transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **top)
+    return {"model": transformers.Qwen3VLForConditionalGeneration(config), "processor": proc}
+
+
+# GLM-4.1V's published chat template: the assistant turn renders ``msg.content`` as is (a string) and
+# has no end-of-turn marker of its own (generation stops at <|endoftext|>, <|user|> or <|observation|>)
+GLM4V = (
+    "[gMASK]<sop>\n{%- for msg in messages %}\n    {%- if msg.role == 'system' %}\n<|system|>\n{{ msg.content }}\n"
+    "    {%- elif msg.role == 'user' %}\n<|user|>{{ '\\n' }}\n\n        {%- if msg.content is string %}\n{{ msg.content }}\n"
+    "        {%- else %}\n            {%- for item in msg.content %}\n"
+    "                {%- if item.type == 'video' or 'video' in item %}\n<|begin_of_video|><|video|><|end_of_video|>\n"
+    "                {%- elif item.type == 'image' or 'image' in item %}\n<|begin_of_image|><|image|><|end_of_image|>\n"
+    "                {%- elif item.type == 'text' %}\n{{ item.text }}\n                {%- endif %}\n"
+    "            {%- endfor %}\n        {%- endif %}\n    {%- elif msg.role == 'assistant' %}\n"
+    "        {%- if msg.metadata %}\n<|assistant|>{{ msg.metadata }}\n{{ msg.content }}\n        {%- else %}\n"
+    "<|assistant|>\n{{ msg.content }}\n        {%- endif %}\n    {%- endif %}\n{%- endfor %}\n"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def build_glm4v():
+    import transformers
+    from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
+
+    specials = ["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>", "<|begin_of_image|>",
+                "<|end_of_image|>", "<|image|>", "<|begin_of_video|>", "<|end_of_video|>", "<|video|>"]
+    tok = char_tokenizer(specials=specials, eos="<|endoftext|>", pad="<|endoftext|>", chat_template=GLM4V)
+    # smart_resize counts temporal_patch_size (2) frames: 2*32*32 pixels as both bounds pins a 32x32 canvas;
+    # factor = patch*merge = 16 -> a 4x4 patch grid, 4 image tokens after the 2x2 downsample
+    pixels = 2 * IMAGE_SIZE * IMAGE_SIZE
+    ip = Glm4vImageProcessorPil(patch_size=8, temporal_patch_size=2, merge_size=2,
+                                size={"shortest_edge": pixels, "longest_edge": pixels})
+    proc = image_only(transformers.Glm4vProcessor)(image_processor=ip, tokenizer=tok, chat_template=GLM4V)
+    ids = tok.convert_tokens_to_ids
+    # head_dim 16, half of it rotary (GLM's partial_rotary_factor 0.5): 4 frequencies split T/H/W by mrope_section
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512, pad_token_id=ids("<|endoftext|>"),
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                 "mrope_section": [2, 1, 1]})
+    # hidden_size = ViT width; out_hidden_size = the downsample conv's and merger's width (= text hidden) and the
+    # blocks' MLP width; intermediate_size = the merger's gate/up width;
+    # image_size/patch_size = the 4x4 learned position grid (interpolated per image)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, image_size=IMAGE_SIZE,
+                  patch_size=8, spatial_merge_size=2, temporal_patch_size=2)
+    config = transformers.Glm4vConfig(
+        text_config=text, vision_config=vision, image_token_id=ids("<|image|>"), video_token_id=ids("<|video|>"),
+        image_start_token_id=ids("<|begin_of_image|>"), image_end_token_id=ids("<|end_of_image|>"),
+        video_start_token_id=ids("<|begin_of_video|>"), video_end_token_id=ids("<|end_of_video|>"))
+    return {"model": transformers.Glm4vForConditionalGeneration(config), "processor": proc}
+
+
 FAMILIES = {
     "qwen2_vl": build_qwen2_vl,
     "qwen2_5_vl": build_qwen2_5_vl,
@@ -405,6 +472,8 @@ FAMILIES = {
     "gemma3": build_gemma3,
     "internvl": build_internvl,
     "mllama": build_mllama,
+    "qwen3_vl": build_qwen3_vl,
+    "glm4v": build_glm4v,
 }
 
 

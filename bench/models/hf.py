@@ -39,6 +39,7 @@ class Family:
     nested_images: bool = False  # the processor wants one list of images per sample (SmolVLM, Gemma 3, Mllama)
     suffix_labels: bool = False  # the processor builds prompt + answer + labels itself from ``suffix`` (PaliGemma)
     template_bos: bool = False  # the chat template renders <bos> itself: the tokenizer must not add another (Gemma 3)
+    string_answer: bool = False  # the chat template prints the assistant's content as is: give it a string (GLM-4.1V)
 
 
 _CLIP_LIKE = {"vision": "model.vision_tower", "connector": "model.multi_modal_projector"}
@@ -67,6 +68,16 @@ FAMILIES: dict[str, Family] = {
         attention={r: rf"(?:self_attn|cross_attn)\.{r}_proj" for r in "qkvo"}, mlp=dict(MLP), names_are_regex=True,
         vision_linear=r"model\.vision_model\.(?:global_)?transformer\.layers\.\d+\.(?:self_attn\.[qkvo]_proj|mlp\.fc[12])"),
         nested_images=True),
+    # Qwen3-VL's DeepStack mergers (model.visual.deepstack_merger_list) have no module path in common with
+    # model.visual.merger but the tower: they count as vision encoder (trained fully by resampler+vpm only)
+    "qwen3_vl": Family(_roles("model.visual", "model.visual.merger", LANGUAGE_LAYER,
+                              r"model\.visual\.blocks\.\d+\.(?:attn\.(?:qkv|proj)|mlp\.linear_fc[12])")),
+    # GLM-4.1V's LLM MLP is one fused gate_up_proj: LoRA on it stands for both gate and up
+    "glm4v": Family(RoleMap(vision="model.visual", connector="model.visual.merger", llm_layer=LANGUAGE_LAYER,
+                            attention=dict(ATTENTION), mlp={"gate": "mlp.gate_up_proj", "up": "mlp.gate_up_proj",
+                                                            "down": "mlp.down_proj"},
+                            vision_linear=r"model\.visual\.blocks\.\d+\.(?:attn\.(?:qkv|proj)|mlp\.(?:gate|up|down)_proj)"),
+                    string_answer=True),
 }
 
 
@@ -144,7 +155,8 @@ class HFAdapter(VLMAdapter):
     def _messages(self, prompt: str, answer: str | None = None) -> list[dict]:
         turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         if answer is not None:
-            turns.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+            content = answer if self.spec.string_answer else [{"type": "text", "text": answer}]
+            turns.append({"role": "assistant", "content": content})
         return turns
 
     def encode_prompt(self, prompt: str) -> str:
@@ -295,9 +307,9 @@ def _image_encoder(model: torch.nn.Module, vision_path: str):
 
 def register_image_only_processors() -> None:
     """Without torchvision, transformers 5 cannot build processors that declare a video processor
-    (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, SmolVLM, InternVL): the constructor type-checks the empty video slot
-    against a torchvision-only class. Image+text subclasses, registered with AutoProcessor, load the
-    same saved files. With torchvision installed nothing is changed."""
+    (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4.1V, LLaVA-OneVision, SmolVLM, InternVL): the constructor type-checks
+    the empty video slot against a torchvision-only class. Image+text subclasses, registered with
+    AutoProcessor, load the same saved files. With torchvision installed nothing is changed."""
     from transformers.utils import is_torchvision_available
 
     if is_torchvision_available():
@@ -314,7 +326,8 @@ def register_image_only_processors() -> None:
         pass
     for proc_name, config_name in (("Qwen2VLProcessor", "Qwen2VLConfig"), ("Qwen2_5_VLProcessor", "Qwen2_5_VLConfig"),
                                    ("LlavaOnevisionProcessor", "LlavaOnevisionConfig"), ("SmolVLMProcessor", "SmolVLMConfig"),
-                                   ("InternVLProcessor", "InternVLConfig")):
+                                   ("InternVLProcessor", "InternVLConfig"), ("Qwen3VLProcessor", "Qwen3VLConfig"),
+                                   ("Glm4vProcessor", "Glm4vConfig")):
         parent, config = getattr(transformers, proc_name), getattr(transformers, config_name)
         AutoProcessor.register(config, image_only(parent), exist_ok=True)
 
