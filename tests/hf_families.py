@@ -461,6 +461,67 @@ def build_glm4v():
     return {"model": transformers.Glm4vForConditionalGeneration(config), "processor": proc}
 
 
+
+
+CHATML_MINICPM = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|image_pad|>\n{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_minicpm(version: str):
+    """MiniCPM-V 4.6, 4.7 and MiniCPM-OCR share one modelling code (4.7 and OCR subclass 4.6): a NaViT
+    SigLIP-like tower with a window-attention merger after layer ``insert_layer_id``, an MLP merger, a
+    Qwen3.5 text model. 4.7 adds canvas M-RoPE (marker token ids in its config); OCR reads with "4x"
+    downsampling (skips the window merger, 4x the tokens). An image larger than ``scale_resolution``
+    squared is a global view plus up to ``max_slice_nums`` slices: 32 px and 2 slices here (a 64x64
+    image -> global 32x32 + two 16x48 slices)."""
+    import transformers
+    from transformers.models.minicpmv4_6.image_processing_pil_minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
+
+    prefix = {"4_6": "MiniCPMV4_6", "4_7": "MiniCPMV4_7", "ocr": "MiniCPMOcr"}[version]
+    downsample = "4x" if version == "ocr" else "16x"
+    named = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>", "image_start_token": "<image>",
+             "image_end_token": "</image>", "slice_start_token": "<slice>", "slice_end_token": "</slice>",
+             "image_id_start_token": "<image_id>", "image_id_end_token": "</image_id>"}
+    tok = char_tokenizer(specials=named, eos="<|im_end|>", pad="<|endoftext|>", chat_template=CHATML_MINICPM)
+    tok.add_special_tokens({"extra_special_tokens": ["<|im_start|>", "<|endoftext|>"]}, replace_extra_special_tokens=False)
+    # MiniCPM-OCR's own image processor is torchvision-only; with small_image_upsize="always" (its default)
+    # it resizes exactly as 4.6's PIL one, which serves all three here (downsample mode set per family).
+    # patch 4, 32 px views: "16x" -> (32/4)^2 / 16 = 4 tokens per global view, "4x" -> 16
+    ip = MiniCPMV4_6ImageProcessorPil(patch_size=4, scale_resolution=IMAGE_SIZE, max_slice_nums=2,
+                                      downsample_mode=downsample)
+    proc = image_only(getattr(transformers, f"{prefix}Processor"))(image_processor=ip, tokenizer=tok,
+                                                                    chat_template=CHATML_MINICPM)
+    ids = tok.convert_tokens_to_ids
+    text = dict(
+        model_type="qwen3_5_text", vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+        # the real checkpoints interleave Gated DeltaNet (linear_attn) layers, which have no q/k/v/o_proj;
+        # both tiny layers are full attention so every attention role has one module per layer
+        layer_types=["full_attention", "full_attention"],
+        linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
+        # rotary dim 16 * 0.5 = 8 -> 4 frequencies split over (t, h, w) interleaved
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                         "mrope_section": [2, 1, 1], "mrope_interleaved": True},
+        eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+    )
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=IMAGE_SIZE, patch_size=4)
+    top = dict(text_config=text, vision_config=vision, insert_layer_id=0, downsample_mode=downsample,
+               image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"))
+    if version != "ocr":
+        top["image_size"] = IMAGE_SIZE
+    if version == "4_7":  # canvas M-RoPE pins these markers
+        top.update(image_start_id=ids("<image>"), image_end_id=ids("</image>"), slice_start_id=ids("<slice>"),
+                   slice_end_id=ids("</slice>"), newline_id=ids("\n"))
+    config = getattr(transformers, f"{prefix}Config")(**top)
+    model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config)
+    return {"model": model, "processor": proc}
+
+
 FAMILIES = {
     "qwen2_vl": build_qwen2_vl,
     "qwen2_5_vl": build_qwen2_5_vl,
@@ -474,6 +535,9 @@ FAMILIES = {
     "mllama": build_mllama,
     "qwen3_vl": build_qwen3_vl,
     "glm4v": build_glm4v,
+    "minicpmv4_6": lambda: build_minicpm("4_6"),
+    "minicpmv4_7": lambda: build_minicpm("4_7"),
+    "minicpm_ocr": lambda: build_minicpm("ocr"),
 }
 
 

@@ -43,6 +43,10 @@ class Family:
 
 
 _CLIP_LIKE = {"vision": "model.vision_tower", "connector": "model.multi_modal_projector"}
+# MiniCPM-V 4.6 / 4.7 / OCR: a SigLIP-like NaViT tower (its window-attention token merger, vit_merger, sits
+# inside it after layer insert_layer_id) and an MLP merger into the Qwen3.5 LLM; vision LoRA on the encoder layers.
+_MINICPM = {"vision": "model.vision_tower", "connector": "model.merger", "llm_layer": LANGUAGE_LAYER,
+            "vision_linear": r"model\.vision_tower" + ENCODER_LINEAR}
 
 # model_type -> family. Qwen's connector (the patch merger) sits inside its vision tower, and its
 # vision MLP uses gate/up/down_proj too: the LLM patterns are anchored on the decoder layers.
@@ -78,6 +82,9 @@ FAMILIES: dict[str, Family] = {
                                                             "down": "mlp.down_proj"},
                             vision_linear=r"model\.visual\.blocks\.\d+\.(?:attn\.(?:qkv|proj)|mlp\.(?:gate|up|down)_proj)"),
                     string_answer=True),
+    "minicpmv4_6": Family(_roles(**_MINICPM)),
+    "minicpmv4_7": Family(_roles(**_MINICPM)),
+    "minicpm_ocr": Family(_roles(**_MINICPM)),
 }
 
 
@@ -307,8 +314,8 @@ def _image_encoder(model: torch.nn.Module, vision_path: str):
 
 def register_image_only_processors() -> None:
     """Without torchvision, transformers 5 cannot build processors that declare a video processor
-    (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4.1V, LLaVA-OneVision, SmolVLM, InternVL): the constructor type-checks
-    the empty video slot against a torchvision-only class. Image+text subclasses, registered with
+    (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4.1V, LLaVA-OneVision, SmolVLM, InternVL, MiniCPM-V 4.6/4.7/OCR):
+    the constructor type-checks the empty video slot against a torchvision-only class. Image+text subclasses, registered with
     AutoProcessor, load the same saved files. With torchvision installed nothing is changed."""
     from transformers.utils import is_torchvision_available
 
@@ -327,7 +334,9 @@ def register_image_only_processors() -> None:
     for proc_name, config_name in (("Qwen2VLProcessor", "Qwen2VLConfig"), ("Qwen2_5_VLProcessor", "Qwen2_5_VLConfig"),
                                    ("LlavaOnevisionProcessor", "LlavaOnevisionConfig"), ("SmolVLMProcessor", "SmolVLMConfig"),
                                    ("InternVLProcessor", "InternVLConfig"), ("Qwen3VLProcessor", "Qwen3VLConfig"),
-                                   ("Glm4vProcessor", "Glm4vConfig")):
+                                   ("Glm4vProcessor", "Glm4vConfig"),
+                                   ("MiniCPMV4_6Processor", "MiniCPMV4_6Config"), ("MiniCPMV4_7Processor", "MiniCPMV4_7Config"),
+                                   ("MiniCPMOcrProcessor", "MiniCPMOcrConfig")):
         parent, config = getattr(transformers, proc_name), getattr(transformers, config_name)
         AutoProcessor.register(config, image_only(parent), exist_ok=True)
 
@@ -335,13 +344,34 @@ def register_image_only_processors() -> None:
 _IMAGE_ONLY: dict[type, type] = {}
 
 
+class _NoVideoProcessor:
+    """Stands in for the absent video processor while a parent's ``__init__`` runs (MiniCPM's reads its
+    slice mode and downsample mode there): every setting read off it is None."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return None
+
+
 def image_only(parent: type) -> type:
     """``parent`` without its ``video_processor`` argument. The subclass's ``__init__`` names every other
     parameter explicitly: ProcessorMixin saves and restores only the attributes its signature names
-    (a ``**kwargs`` catch-all silently drops the chat template and token counts on reload)."""
+    (a ``**kwargs`` catch-all silently drops the chat template and token counts on reload). A base class
+    between ``parent`` and ProcessorMixin names the sub-processors ``parent`` hands on positionally by
+    ``parent``'s own order (Qwen: image, tokenizer, video; MiniCPM: image, video, tokenizer) and drops the
+    video one."""
     if parent in _IMAGE_ONLY:
         return _IMAGE_ONLY[parent]
     from transformers.processing_utils import ProcessorMixin
+
+    order = parent.get_attributes()
+
+    def drop_video(self, *args, **kwargs):
+        kwargs.update(zip(order, args))
+        kwargs.pop("video_processor", None)
+        ProcessorMixin.__init__(self, **kwargs)
+        self.video_processor = _NoVideoProcessor()  # removed again once parent.__init__ returns
 
     params = [p for n, p in inspect.signature(parent.__init__).parameters.items()
               if n not in ("self", "image_processor", "tokenizer", "video_processor") and p.kind is p.POSITIONAL_OR_KEYWORD]
@@ -350,11 +380,14 @@ def image_only(parent: type) -> type:
     call = "".join(f", {p.name}={p.name}" for p in params)
     namespace = {"_parent": parent, "_d": defaults}
     exec(f"def __init__(self, image_processor=None, tokenizer=None{head}, **kwargs):\n"  # noqa: S102 - generated signature
-         f"    _parent.__init__(self, image_processor, tokenizer, None{call}, **kwargs)\n", namespace)
+         f"    _parent.__init__(self, image_processor=image_processor, tokenizer=tokenizer, video_processor=None{call},"
+         f" **kwargs)\n"
+         f"    self.__dict__.pop('video_processor', None)\n", namespace)
     attrs = {"__init__": namespace["__init__"], "__module__": __name__}
     if "apply_chat_template" in parent.__dict__:  # SmolVLM's reads the (absent) video processor's settings
         attrs["apply_chat_template"] = ProcessorMixin.apply_chat_template
-    sub = type(parent.__name__.replace("Processor", "ImageOnlyProcessor"), (parent,), attrs)
+    shim = type(f"_{parent.__name__}WithoutVideo", (ProcessorMixin,), {"__init__": drop_video, "__module__": __name__})
+    sub = type(parent.__name__.replace("Processor", "ImageOnlyProcessor"), (parent, shim), attrs)
     _IMAGE_ONLY[parent] = sub
     globals()[sub.__name__] = sub
     return sub
