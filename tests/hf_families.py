@@ -499,9 +499,8 @@ def build_minicpm(version: str):
     text = dict(
         model_type="qwen3_5_text", vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
-        # the real checkpoints interleave Gated DeltaNet (linear_attn) layers, which have no q/k/v/o_proj;
-        # both tiny layers are full attention so every attention role has one module per layer
-        layer_types=["full_attention", "full_attention"],
+        # hybrid like the real checkpoints (Gated DeltaNet linear_attn layers between full-attention ones)
+        layer_types=["linear_attention", "full_attention"],
         linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
         # rotary dim 16 * 0.5 = 8 -> 4 frequencies split over (t, h, w) interleaved
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,

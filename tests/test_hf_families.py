@@ -81,6 +81,26 @@ def test_mllama_roles_mean_self_or_cross_attention_and_its_inputs_reach_forward(
     assert {"aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask"} <= set(prompt)
 
 
+@pytest.mark.parametrize("name", ["minicpmv4_6", "glm4v"])
+def test_fused_projections_stand_for_each_role_they_compute(adapters, name):
+    """MiniCPM-V 4.6's hybrid LLM: a Gated DeltaNet layer computes q, k and v in one in_proj_qkv and has
+    an out_proj; GLM-4.1V's MLP computes gate and up in one gate_up_proj. A role LoRAs the module that
+    computes it, in every layer; q,v and q,k then differ in the full-attention layers only."""
+    from bench.space import Cell
+
+    adapter = adapters[name]
+    kinds = lambda targets: sorted({re.sub(r"^.*?\.\d+\.", "", n)  # noqa: E731
+                                    for n in resolve(adapter.model, adapter.roles, Cell(targets, 4, 8, "frozen")).lora})
+    if name == "minicpmv4_6":
+        assert kinds("qv") == ["linear_attn.in_proj_qkv", "self_attn.q_proj", "self_attn.v_proj"]
+        assert kinds("qkvo") == ["linear_attn.in_proj_qkv", "linear_attn.out_proj", "self_attn.k_proj",
+                                 "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"]
+        assert not any("in_proj_z" in k or "in_proj_a" in k or "in_proj_b" in k for k in kinds("all"))
+    else:
+        assert kinds("all") == ["mlp.down_proj", "mlp.gate_up_proj", "self_attn.k_proj", "self_attn.o_proj",
+                                "self_attn.q_proj", "self_attn.v_proj"]
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_labels_cover_the_answer_and_end_of_turn_only(adapters, name):
     from PIL import Image

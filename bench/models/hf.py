@@ -45,8 +45,15 @@ class Family:
 _CLIP_LIKE = {"vision": "model.vision_tower", "connector": "model.multi_modal_projector"}
 # MiniCPM-V 4.6 / 4.7 / OCR: a SigLIP-like NaViT tower (its window-attention token merger, vit_merger, sits
 # inside it after layer insert_layer_id) and an MLP merger into the Qwen3.5 LLM; vision LoRA on the encoder layers.
-_MINICPM = {"vision": "model.vision_tower", "connector": "model.merger", "llm_layer": LANGUAGE_LAYER,
-            "vision_linear": r"model\.vision_tower" + ENCODER_LINEAR}
+# Its Qwen3.5 LLM is hybrid: three of four layers are Gated DeltaNet (linear_attn) with one fused
+# in_proj_qkv and an out_proj. A role means the module computing it in either kind of layer (q, k and v:
+# the fused in_proj_qkv; o: out_proj), as GLM's fused gate_up_proj stands for gate and up; the DeltaNet
+# gates (in_proj_z/a/b) are in no role.
+HYBRID_ATTENTION = {r: rf"(?:self_attn\.{r}_proj|linear_attn\.in_proj_qkv)" for r in "qkv"} | {
+    "o": r"(?:self_attn\.o_proj|linear_attn\.out_proj)"}
+_MINICPM = RoleMap(vision="model.vision_tower", connector="model.merger", llm_layer=LANGUAGE_LAYER,
+                   attention=HYBRID_ATTENTION, mlp=dict(MLP), names_are_regex=True,
+                   vision_linear=r"model\.vision_tower" + ENCODER_LINEAR)
 
 # model_type -> family. Qwen's connector (the patch merger) sits inside its vision tower, and its
 # vision MLP uses gate/up/down_proj too: the LLM patterns are anchored on the decoder layers.
@@ -82,9 +89,9 @@ FAMILIES: dict[str, Family] = {
                                                             "down": "mlp.down_proj"},
                             vision_linear=r"model\.visual\.blocks\.\d+\.(?:attn\.(?:qkv|proj)|mlp\.(?:gate|up|down)_proj)"),
                     string_answer=True),
-    "minicpmv4_6": Family(_roles(**_MINICPM)),
-    "minicpmv4_7": Family(_roles(**_MINICPM)),
-    "minicpm_ocr": Family(_roles(**_MINICPM)),
+    "minicpmv4_6": Family(_MINICPM),
+    "minicpmv4_7": Family(_MINICPM),
+    "minicpm_ocr": Family(_MINICPM),
 }
 
 
