@@ -26,6 +26,7 @@ from bench import suites as suite_registry
 from bench.errors import BenchError
 from bench.evaluate import evaluate, generation_budget
 from bench.models import get_adapter
+from bench.parallel import Group
 from bench.space import Cell, TrainSettings
 from bench.spec import Spec
 from bench.store import DONE, Store, digest
@@ -111,21 +112,34 @@ class Session:
     suites and the results store. :meth:`run` executes one run, or returns its record if one exists."""
 
     def __init__(self, spec: Spec, console: Console):
-        self.spec, self.console = spec, console
+        from datetime import timedelta
+
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+        self.spec = spec
         quiet_libraries()
         if spec.device.type == "cpu":
             torch.set_flush_denormal(True)  # denormals stalled CPU steps for seconds in measurements
+        self.mixed = "bf16" if spec.device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+        # under accelerate launch: followers wait while the leader evaluates (hours on a big suite), and a
+        # module without a gradient in some cell (a merger a mode skips) must not stop DDP
+        self.accelerator = Accelerator(cpu=spec.device.type == "cpu", mixed_precision=self.mixed, kwargs_handlers=[
+            DistributedDataParallelKwargs(find_unused_parameters=True), InitProcessGroupKwargs(timeout=timedelta(hours=6))])
+        self.group = Group(self.accelerator)
+        self.console = console if self.group.leader else Console(quiet=True)
+        if self.group.parallel:
+            odd = sorted({t.batch_size for t in spec.settings if t.batch_size % self.group.size})
+            if odd:
+                raise BenchError(f"--batch-size {odd[0]} does not split over {self.group.size} processes; "
+                                 f"use a multiple of {self.group.size} (it is the global batch)")
+        device = self.accelerator.device if spec.device.type == "cuda" else spec.device  # each process its own GPU
         self.adapter = get_adapter(spec.model, spec.trust_remote_code)
-        self.adapter.load(spec.device)
+        self.adapter.load(device)
         if spec.param_budget is not None:
             self.spec = spec = with_budget_ranks(spec, self.adapter)
         self.resolutions = {cell: resolve(self.adapter.model, self.adapter.roles, cell) for cell in spec.cells}
-        _print_plan(console, spec, self.adapter, self.resolutions)
-
-        from accelerate import Accelerator
-
-        self.mixed = "bf16" if spec.device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
-        self.accelerator = Accelerator(cpu=spec.device.type == "cpu", mixed_precision=self.mixed)
+        _print_plan(self.console, spec, self.adapter, self.resolutions, self.group.size)
         self.store = Store(spec.out)
         self.context = {"machine": machine.describe(self.accelerator.device), "versions": machine.versions(),
                         "mixed_precision": self.mixed}
@@ -143,6 +157,8 @@ class Session:
             identity = {"suite": suite.name, "data": content_digest(data_dir), "model": self.adapter.fingerprint(),
                         "device": self.accelerator.device.type, "precision": self.mixed,
                         "max_gen_toks": generation_budget(self.adapter, suite, data_dir)}
+            if self.group.parallel:  # the same update, rounded differently: its own runs
+                identity["processes"] = self.group.size
             self.suite_runs[name] = SuiteRun(suite, data_dir, identity, describe(data_dir))
             progress.advance(prep)
         progress.remove_task(prep)
@@ -185,21 +201,41 @@ class Session:
             state = self.store.load_paused(sr.suite.name, key)
             paused = (record, state) if state is not None else None  # no state (another machine paused it): from the start
         self.executed = True
-        if self._examples is None or self._examples[0] != sr.suite.name:
-            self._examples = None  # free the previous suite's examples first
-            self.vision_cache.clear()
-            self._examples = (sr.suite.name, encode_split(self.adapter, sr.suite, sr.data_dir, "train"))
-        if cell not in self.resolutions:
-            self.resolutions[cell] = resolve(self.adapter.model, self.adapter.roles, cell)
-        record = _one_run(self.spec, self.adapter, sr, cell, seed, self.resolutions[cell], self._examples[1],
-                          self.accelerator, progress, self.context, on_val, train or self.spec.train, self.vision_cache,
-                          fractions, until, paused, on_pause=lambda state: self.store.save_paused(sr.suite.name, key, state))
+        if self.group.parallel:  # the followers train this run with us
+            self.group.share(("run", sr.suite.name, cell, seed, train, fractions, until, paused[1] if paused else None))
+        record = self._execute(sr, cell, seed, progress, train, on_val, fractions, until, paused,
+                               on_pause=lambda state: self.store.save_paused(sr.suite.name, key, state))
         self.store.put(record)
         if record["status"] != "paused":
             self.store.drop_paused(sr.suite.name, key)
         if record["status"] not in ("ok", "paused"):
             progress.console.print(f"[yellow]{cell.name} seed {seed}: {record['status']}: {record['error']}[/yellow]")
         return record
+
+    def _execute(self, sr, cell, seed, progress, train, on_val, fractions, until, paused, on_pause=None) -> dict:
+        if self._examples is None or self._examples[0] != sr.suite.name:
+            self._examples = None  # free the previous suite's examples first
+            self.vision_cache.clear()
+            self._examples = (sr.suite.name, encode_split(self.adapter, sr.suite, sr.data_dir, "train"))
+        if cell not in self.resolutions:
+            self.resolutions[cell] = resolve(self.adapter.model, self.adapter.roles, cell)
+        return _one_run(self.spec, self.adapter, sr, cell, seed, self.resolutions[cell], self._examples[1],
+                        self.accelerator, progress, self.context, on_val, train or self.spec.train,
+                        None if self.group.parallel else self.vision_cache, fractions, until, paused, on_pause=on_pause)
+
+    def follow(self, progress: Progress) -> None:
+        """A follower's life: train each run the leader announces (its slice of every batch) until it stops."""
+        while True:
+            message = self.group.share()
+            if message[0] == "stop":
+                return
+            _, suite, cell, seed, train, fractions, until, state = message
+            self._execute(self.suite_runs[suite], cell, seed, progress, train, None, fractions, until,
+                          ({}, state) if state is not None else None)
+
+    def stop_followers(self) -> None:
+        if self.group.parallel and self.group.leader:
+            self.group.share(("stop",))
 
     def records(self, keys: dict[str, set[str]] | None = None) -> list[dict]:
         keys = keys or self.keys()
@@ -218,11 +254,22 @@ def run(spec: Spec, console: Console | None = None) -> Path:
     if spec.storage:
         study.make_storage(spec)  # an unreachable database fails here, before the model loads or --out exists
     session = Session(spec, console)
-    with progress_bar(console) as progress:
+    group = session.group
+    with progress_bar(session.console) as progress:
+        if not group.leader:  # the leader prepares the data first; the others then find it prepared
+            group.accelerator.wait_for_everyone()
         session.prepare(progress)
-        session.store.check_writable()
-        session.store.clean_temporaries()
-        worker = study.work(session, progress)
+        if group.leader:
+            group.accelerator.wait_for_everyone() if group.parallel else None
+        else:
+            session.follow(progress)
+            return spec.out
+        try:
+            session.store.check_writable()
+            session.store.clean_temporaries()
+            worker = study.work(session, progress)
+        finally:
+            session.stop_followers()
     report.write_all(session.records(worker.keys()), session.spec, console, worker.study)
     return spec.out
 
@@ -239,12 +286,13 @@ def with_budget_ranks(spec: Spec, adapter) -> Spec:
     return dataclasses.replace(spec, cells=cells)
 
 
-def _print_plan(console, spec: Spec, adapter, resolutions) -> None:
+def _print_plan(console, spec: Spec, adapter, resolutions, processes: int = 1) -> None:
     rates = ", ".join(f"{t.lr:g}" for t in spec.settings)
+    where = f"{processes} data-parallel processes ({spec.device.type}), batch split evenly" if processes > 1 else f"device {spec.device}"
     console.print(
         f"[bold]{'up to ' if spec.protocol == 'race' and not spec.search else ''}{spec.n_runs} runs[/bold] = {len(spec.suites)} suite(s) x {len(spec.cells)} cells x {len(spec.settings)} "
         f"learning rate(s) ({rates}) x {len(spec.seeds)} seed(s); model {adapter.display_name()}; "
-        f"{spec.train.steps} steps x batch {spec.train.batch_size} per run; device {spec.device}"
+        f"{spec.train.steps} steps x batch {spec.train.batch_size} per run; {where}"
     )
     if spec.protocol == "race" and not spec.search and spec.n_runs > len(spec.suites) * len(spec.cells):
         from bench import race
@@ -314,6 +362,7 @@ def _one_run(spec: Spec, adapter, sr: SuiteRun, cell: Cell, seed: int, resolutio
     import optuna
 
     settings = settings or spec.train
+    group = Group(accelerator)
     from accelerate.utils import set_seed
 
     record = _base_record(spec, sr, context, sr.key(spec, cell, seed, settings), "cell")
@@ -336,10 +385,21 @@ def _one_run(spec: Spec, adapter, sr: SuiteRun, cell: Cell, seed: int, resolutio
             progress.update(steps_task, completed=step, info=f"loss {loss:.3f}")
 
         def checkpoint(step: int, _model) -> None:
+            if not group.leader:  # the leader evaluates; a follower learns whether the run goes on
+                if (pruned := group.share()) is not None:
+                    raise optuna.TrialPruned(pruned)
+                return
             score = _evaluate(spec, adapter, peft_model, sr, accelerator, progress, f"{label} step {step} (validation)", "val").score
             curve.append([step, score])
-            if on_val:
-                on_val(step, score)
+            pruned = None
+            try:
+                if on_val:
+                    on_val(step, score)
+            except optuna.TrialPruned as exc:
+                pruned = str(exc) or "pruned"
+            group.share(pruned)
+            if pruned is not None:
+                raise optuna.TrialPruned(pruned)
 
         frozen = encoder_is_frozen(adapter.roles.vision, resolution.lora, resolution.full)
         checkpoints = sorted({*checkpoint_steps(settings.steps, fractions), *([until] if until else [])})
@@ -355,6 +415,9 @@ def _one_run(spec: Spec, adapter, sr: SuiteRun, cell: Cell, seed: int, resolutio
                           trainable_params=result.trainable_params, total_params=total)
             record["wall_s"] = time.perf_counter() - wall
             record["finished_at"] = _now()
+            return record
+        if not group.leader:  # trained its share; the leader scores and records the run
+            record.update(status="followed", error=None)
             return record
         val = _evaluate(spec, adapter, peft_model, sr, accelerator, progress, f"{label} (validation)", "val")
         curve.append([settings.steps, val.score])

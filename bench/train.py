@@ -19,6 +19,7 @@ from peft import LoraConfig, get_peft_model
 from bench.errors import BenchError
 from bench.measure import PeakMemory, Stopwatch, count_parameters
 from bench.models.adapter import Example, RoleMap
+from bench.parallel import Group
 from bench.space import TARGET_SETS, Cell, TrainSettings
 
 ADAPTER = "default"
@@ -229,8 +230,12 @@ def train(adapter, peft_model, examples: list[Example], settings: TrainSettings,
 
     ``pause_at``: stop after that step (and its checkpoint) and return the state in ``result.state``;
     ``resume``: such a state, to go on from its step. Paused and resumed, a run makes the same
-    numbers as uninterrupted (racing's rungs, bench/race.py)."""
+    numbers as uninterrupted (racing's rungs, bench/race.py).
+
+    Under ``accelerate launch`` each process trains on its slice of every global batch
+    (bench/parallel.py); the loss is weighted by label tokens so the update is the whole batch's."""
     device = accelerator.device
+    group = Group(accelerator)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     trainable, total = count_parameters(peft_model)
     optimizer = torch.optim.AdamW(param_groups(peft_model, adapter.roles, settings), weight_decay=settings.weight_decay)
@@ -252,12 +257,17 @@ def train(adapter, peft_model, examples: list[Example], settings: TrainSettings,
             for step, idx in enumerate(batches):
                 if step < start:
                     continue
-                batch = adapter.train_batch([examples[i] for i in idx], device)
-                tokens += int(batch["attention_mask"].sum())
+                batch = adapter.train_batch([examples[i] for i in group.shard(idx)], device)
+                tokens += int(group.total(int(batch["attention_mask"].sum())))
                 key = (seed, settings.batch_size, len(examples), step)
                 with accelerator.autocast(), (vision_cache.step(key) if vision_cache else contextlib.nullcontext()):
                     loss = adapter.forward_loss(model, batch)
-                value = loss.item()
+                if group.parallel:  # sum over this slice's label tokens / the global batch's; DDP averages over processes
+                    share = adapter.loss_tokens(batch) / group.total(adapter.loss_tokens(batch))
+                    value = group.total(loss.item() * share)
+                    loss = loss * (share * group.size)
+                else:
+                    value = loss.item()
                 if not math.isfinite(value):
                     raise Diverged(f"loss is {value} at step {step + 1}")
                 accelerator.backward(loss)

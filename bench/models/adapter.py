@@ -106,6 +106,11 @@ class VLMAdapter(ABC):
     def forward_loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         """Mean token loss of a batch from :meth:`train_batch`."""
 
+    def loss_tokens(self, batch: dict) -> int:
+        """How many label tokens :meth:`forward_loss` averages over (labels shifted by one, -100 ignored):
+        data-parallel processes weight their losses by it to make the single-process update."""
+        return int((batch["labels"][..., 1:] != -100).sum())
+
     @abstractmethod
     def generate_ids(self, model: torch.nn.Module, batch: dict, max_new_tokens: int) -> torch.Tensor:
         """Greedy new tokens for a batch from :meth:`prompt_batch`."""
