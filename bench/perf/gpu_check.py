@@ -8,6 +8,8 @@
    prediction for each of those cells against its ``max_memory_allocated`` (goal: within 10%).
 2. Racing on the device: a raced smoke matrix against the exhaustive one; resumed runs must be the
    uninterrupted runs (the CUDA random state is saved and restored at the pause).
+   Then every transformers-native family's tiny checkpoint through a short smoke matrix, and two
+   data-parallel processes against one (needs two GPUs; skipped on one).
 3. Packed runs (bench/packing.py): K = 4 runs packed against the same runs one after another, on the embedded
    model through the harness (seeds; learning rates) and one step on the ~1B model below (goals 0.4 and 0.7).
 4. One LoRA training step timed on a synthetic ~1B-parameter Qwen2-VL (random weights, bf16; LoRA
@@ -89,6 +91,70 @@ def race_check(out: Path, device: str) -> dict:
     return {"ok": len(same) == len(raced), "identical": f"{len(same)} of {len(raced)}", "max_val_gap": gap,
             "race_steps": steps, "exhaustive_steps": sum(r.get("steps_trained") or 0 for r in records["exhaustive"].values()),
             "wall_s": walls}
+
+
+def families_check(root: Path, out: Path, device: str) -> dict:
+    """Every transformers-native family (tiny random checkpoints, tests/hf_families.py) through the smoke
+    matrix on this device, in this process (imports paid once): frozen and vpm-lora cells, 16 items."""
+    import hf_families
+
+    from bench.cli import main as bench_main
+    from bench.store import read_record, record_files
+
+    rows = {}
+    for name in sorted(hf_families.FAMILIES):
+        folder, runs = root / name, out / f"family-{name}"
+        shutil.rmtree(runs, ignore_errors=True)
+        start = time.perf_counter()
+        try:
+            hf_families.save(name, folder)
+            code = bench_main(["--suite", "docvqa", "--preset", "smoke", "--targets", "qv", "--vision", "frozen,vpm-lora",
+                               "--limit", "16", "--device", device, "--save-adapters", "none", "--model", str(folder),
+                               "--out", str(runs)])
+            cells = [r for r in (read_record(p) for p in record_files(runs / "records")) if r["kind"] == "cell"]
+            rows[name] = {"ok": code == 0 and len(cells) == 2 and all(r["status"] == "ok" for r in cells),
+                          "errors": [r.get("error") for r in cells if r["status"] != "ok"],
+                          "peak_mem_mib": [round(r.get("peak_mem_mib") or 0, 1) for r in cells]}
+        except Exception as exc:  # noqa: BLE001 - one family's failure is reported, the others still run
+            rows[name] = {"ok": False, "errors": [f"{type(exc).__name__}: {exc}".splitlines()[0]]}
+        rows[name]["wall_s"] = round(time.perf_counter() - start, 1)
+    return {"ok": all(r["ok"] for r in rows.values()), "families": rows}
+
+
+def data_parallel_check(out: Path, dry: bool) -> dict:
+    """Two data-parallel processes (accelerate launch) against one on the same raced smoke matrix
+    (LoRA dropout 0): the records must agree within rounding. Needs two GPUs (or the CPU in a dry run)."""
+    import socket
+
+    from bench.store import Store
+
+    gpus = torch.cuda.device_count()
+    if not dry and gpus < 2:
+        return {"ok": None, "skipped": f"{gpus} GPU(s): two processes need two"}
+    device = "cpu" if dry else "cuda"
+    args = ["--suite", "docvqa", "--preset", "smoke", "--targets", "qv", "--vision", "frozen,resampler", "--lora-dropout", "0",
+            "--lrs", "1e-3,3e-3,1e-2", "--seeds", "0,1", "--steps", "8", "--device", device, "--save-adapters", "none"]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+    records, walls = {}, {}
+    for name, head in (("one", [sys.executable]), ("two", launch)):
+        folder = out / f"data-parallel-{name}"
+        shutil.rmtree(folder, ignore_errors=True)
+        start = time.perf_counter()
+        done = subprocess.run([*head, str(ROOT / "run_bench.py"), *args, "--out", str(folder)], capture_output=True, text=True)
+        walls[name] = round(time.perf_counter() - start, 1)
+        if done.returncode != 0:
+            return {"ok": False, "error": f"{name}: " + (done.stderr.strip().splitlines() or ["failed"])[-1]}
+        records[name] = {(r["cell"]["vision"], r["train"]["lr"], r["seed"]): r for r in Store(folder).all() if r.get("kind") == "cell"}
+    one, two = records["one"], records["two"]
+    gaps = [max(abs(p - q) for p, q in zip(one[k]["losses"], two[k]["losses"])) for k in one if k in two]
+    same_scores = sum(one[k].get("val_curve") == two[k].get("val_curve") and one[k].get("score") == two[k].get("score")
+                      for k in one if k in two)
+    return {"ok": one.keys() == two.keys() and max(gaps, default=1) < 1e-2, "runs": len(one), "max_loss_gap": max(gaps, default=None),
+            "same_scores": f"{same_scores} of {len(one)}", "wall_s": walls}
 
 
 def memory_check(model: str, out: Path, device_type: str) -> dict:
@@ -247,6 +313,8 @@ def main(argv=None) -> int:
         report["smoke_tiny_qwen2_vl"] = smoke(str(Path(tmp) / "qwen2_vl"), args.out / "smoke-tiny-qwen2-vl", device.type)
         report["memory_model_tiny_minicpmv"] = memory_check("tiny-minicpmv", args.out / "smoke-tiny-minicpmv", device.type)
         report["memory_model_tiny_qwen2_vl"] = memory_check(str(Path(tmp) / "qwen2_vl"), args.out / "smoke-tiny-qwen2-vl", device.type)
+        report["families"] = families_check(Path(tmp), args.out, device.type)
+    report["data_parallel"] = data_parallel_check(args.out, args.cpu_dry_run)
     report["race_vs_exhaustive"] = race_check(args.out, device.type)
     report["packing"] = packing_check(args.cpu_dry_run, device)
     batch, seq, steps = (2, 96, 2) if args.cpu_dry_run else (args.batch, args.seq, args.steps)
@@ -270,6 +338,14 @@ def main(argv=None) -> int:
         lines.append(f"- {name}: predicted / measured peak per smoke cell: "
                      + ", ".join(f"{c['cell']} {c['predicted_mib']:.0f}/{c['measured_mib']:.0f} MiB ({c['ratio']})" for c in r.get("cells", []))
                      + f"; within 10%: {r.get('within_10pct')}" + ("" if r.get("comparable") else " (CPU dry run: RSS, not comparable)"))
+    r = report["families"]
+    lines.append("- every transformers-native family, smoke (qv x frozen, vpm-lora; 16 items): " + ", ".join(
+        f"{name} {'ok' if x['ok'] else 'FAILED ' + '; '.join(map(str, x['errors']))} ({x['wall_s']} s)" for name, x in r["families"].items()))
+    r = report["data_parallel"]
+    lines.append("- data parallel, 2 processes vs 1, raced smoke (2 cells x 3 rates x 2 seeds, dropout 0): "
+                 + (f"skipped: {r['skipped']}" if r.get("skipped") else f"error: {r['error']}" if r.get("error") else
+                    f"same runs {r['ok']}, largest loss gap {r['max_loss_gap']:.1e}, same validation curves and scores "
+                    f"{r['same_scores']}; wall {r['wall_s']}"))
     r = report["race_vs_exhaustive"]
     lines.append(f"- racing (pause at the rung, resume) vs exhaustive, smoke qv cells x 3 rates x 3 seeds: raced runs identical to "
                  f"uninterrupted ones: {r.get('identical')} (largest validation gap {r.get('max_val_gap')}); steps "
