@@ -5,6 +5,7 @@ project's own (tests/openbmb_standin/) with the same contract and the same pitfa
 import re
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -79,7 +80,7 @@ def test_patch_layout_is_unfold_of_the_normalised_image():
     image = Image.fromarray((torch.rand(42, 56, 3) * 255).to(torch.uint8).numpy())
     pixels, (h, w) = patch_tensor(image, 14)
     assert pixels.shape == (3, 14, h * w * 14) and (h, w) == (3, 4)
-    x = torch.from_numpy(__import__("numpy").asarray(image)).permute(2, 0, 1).float()
+    x = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float()
     x = (x / 255 - 0.5) / 0.5  # mean = std = 0.5
     reference = F.unfold(x[None], (14, 14), stride=(14, 14))[0].reshape(3, 14, 14, -1).permute(0, 1, 3, 2).reshape(3, 14, -1)
     assert torch.allclose(pixels, reference, atol=1e-6)
