@@ -65,7 +65,7 @@ def estimate(model: torch.nn.Module, resolution: Resolution, cell: Cell, batch_s
     per_layer = ACTIVATION_FACTOR * batch_size * seq_len * hidden_size * size
     layers = 1 if gradient_checkpointing else llm_layers
     activations = per_layer * layers
-    if cell.vision in ("resampler+vpm", "vpm-lora") and vision_layers:
+    if cell.vision in ("resampler+vpm", "vpm-lora", "minicpmv-recipe") and vision_layers:
         vision_layers_kept = 1 if gradient_checkpointing else vision_layers
         activations += ACTIVATION_FACTOR * batch_size * vision_tokens * vision_hidden * size * vision_layers_kept
     return MemoryEstimate(frozen_params=base, trainable_params=trainable, weight_bytes=weight, grad_bytes=grads,

@@ -32,7 +32,7 @@ from bench.errors import BenchError
 from bench.similarity import Comparison
 
 MIN_GAIN = 0.01  # one point: a smaller gain does not pay for more memory or less throughput
-POLICY_ORDER = ("frozen", "resampler", "vpm-lora", "resampler+vpm")
+POLICY_ORDER = ("frozen", "resampler", "vpm-lora", "resampler+vpm", "minicpmv-recipe")
 CONFIG = ["targets", "rank", "alpha", "vision"]  # a cell; its learning rate is each suite's own choice
 RATES = ["lr", "lr_connector", "lr_vision", "lora_dropout"]
 

@@ -309,7 +309,7 @@ def _print_plan(console, spec: Spec, adapter, resolutions, processes: int = 1) -
         key = (cell.targets, cell.vision)
         if key not in seen:
             seen.add(key)
-            console.print(f"[dim]  {cell.targets:>4} / {cell.vision:<13} {res.summary()}[/dim]")
+            console.print(f"[dim]  {cell.targets:>4} / {cell.vision:<15} {res.summary()}[/dim]")
 
 
 def _base_record(spec: Spec, sr: SuiteRun, context: dict, key: str, kind: str) -> dict:

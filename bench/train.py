@@ -58,6 +58,11 @@ def resolve(model: torch.nn.Module, roles: RoleMap, cell: Cell) -> Resolution:
     if cell.vision == "vpm-lora" and len(names) == len(llm_names):
         raise BenchError(f"vision policy 'vpm-lora' matches no linear layer in the vision encoder ({roles.vision_linear})")
     full = []
+    if cell.vision == "minicpmv-recipe":  # MiniCPM-V finetune.py: modules_to_save = embed_tokens, resampler (+ vpm, tune_vision)
+        if "embeddings" not in roles.extra:
+            raise BenchError("vision policy 'minicpmv-recipe' is MiniCPM-V's own recipe and this family has no MiniCPM-V "
+                             "token-embedding role; use it with tiny-minicpmv or a minicpmv checkpoint, or choose another --vision")
+        full += [roles.extra["embeddings"], roles.connector, roles.vision]
     if cell.vision in ("resampler", "resampler+vpm", "vpm-lora"):
         full.append(roles.connector)
     if cell.vision == "resampler+vpm":
@@ -94,13 +99,16 @@ def param_groups(model: torch.nn.Module, roles: RoleMap, settings: TrainSettings
     encoder trained fully (peft's ``modules_to_save`` copies, found by their module path)."""
     connector = re.compile(rf"(?:^|\.){re.escape(roles.connector)}\.")
     vision = re.compile(rf"(?:^|\.){re.escape(roles.vision)}\.")
-    groups: dict[str, list] = {"lora": [], "connector": [], "vision": []}
+    embeddings = re.compile(rf"(?:^|\.){re.escape(roles.extra['embeddings'])}\.") if "embeddings" in roles.extra else None
+    groups: dict[str, list] = {"lora": [], "connector": [], "vision": [], "embeddings": []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        part = "lora" if "lora_" in name else "connector" if connector.search(name) else "vision" if vision.search(name) else "lora"
+        part = "lora" if "lora_" in name else "connector" if connector.search(name) else "vision" if vision.search(name) \
+            else "embeddings" if embeddings is not None and embeddings.search(name) else "lora"
         groups[part].append(p)
-    rates = {"lora": settings.lr, "connector": settings.lr_connector, "vision": settings.lr_vision}
+    # token embeddings trained fully (minicpmv-recipe) take full fine-tuning's rate, the vision encoder's
+    rates = {"lora": settings.lr, "connector": settings.lr_connector, "vision": settings.lr_vision, "embeddings": settings.lr_vision}
     return [{"params": params, "lr": rates[part], "part": part} for part, params in groups.items() if params]
 
 

@@ -9,7 +9,7 @@ from bench.errors import BenchError
 from bench.models.adapter import Example, RoleMap, VLMAdapter
 from bench.models.hf import FAMILIES as HF_FAMILIES
 from bench.models.hf import HFAdapter
-from bench.models.minicpmv import MiniCPMVAdapter
+from bench.models.minicpmv import minicpmv_adapter
 from bench.models.tiny_minicpmv import TinyMiniCPMVAdapter
 
 FAMILIES = {"tiny-minicpmv": TinyMiniCPMVAdapter}
@@ -36,7 +36,7 @@ def get_adapter(model: str, trust_remote_code: bool = False) -> VLMAdapter:
         if model_type in HF_FAMILIES:
             return HFAdapter(folder)
         if model_type == "minicpmv":
-            return MiniCPMVAdapter(folder, trust_remote_code)
+            return minicpmv_adapter(folder, trust_remote_code)
         known = ", ".join([*FAMILIES, *HF_FAMILIES, "minicpmv"])
         raise BenchError(f"model folder {folder} has model_type {model_type!r}, which no adapter knows; known: {known}")
     raise BenchError(f"unknown model {model!r}; use one of {', '.join(BUILTIN)} or a local checkpoint folder")

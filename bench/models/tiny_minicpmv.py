@@ -268,6 +268,7 @@ MINICPMV_ROLES = RoleMap(
     attention={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"},
     mlp={"gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"},
     vision_linear=r"vpm\..*\.(?:q_proj|k_proj|v_proj|out_proj|fc1|fc2)",
+    extra={"embeddings": "llm.model.embed_tokens"},  # trained fully by MiniCPM-V's own recipe (minicpmv-recipe)
 )
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-minicpmv"
