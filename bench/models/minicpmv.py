@@ -317,6 +317,9 @@ class OpenBMBAdapter(VLMAdapter):
         keep = labels != -100
         return F.cross_entropy(logits[keep].float(), labels[keep])
 
+    def loss_tokens(self, batch: dict) -> int:
+        return int((batch["labels"] != -100).sum())  # already shifted: every label counts
+
     def prompt_batch(self, prompts: list[str], arrays: list, device) -> dict:
         """Left-padded prompts for batched generation; each image_bound moved by its row's padding."""
         rows = []
