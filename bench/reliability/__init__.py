@@ -1,0 +1,1 @@
+"""Reliability measurements: fault injection and soak runs whose figures go to results/reliability.md."""
