@@ -9,7 +9,7 @@ import torch
 import hf_families
 from bench.models import get_adapter
 from bench.models.hf import FAMILIES
-from bench.space import TARGET_SETS, VISION_POLICIES, build_cells
+from bench.space import GENERIC_POLICIES, TARGET_SETS, build_cells
 from bench.store import read_record, record_files
 from bench.train import resolve
 from conftest import run_cli
@@ -53,7 +53,7 @@ def test_role_map_matches_the_model(adapters, name):
     assert vision_linear and all(n.startswith(roles.vision + ".") for n in vision_linear)
     assert not any(n.startswith(roles.connector + ".") for n in vision_linear), "the connector is not LoRA'd as vision"
     assert roles.vision in modules and roles.connector in modules
-    for cell in build_cells(list(TARGET_SETS), [4], list(VISION_POLICIES)):
+    for cell in build_cells(list(TARGET_SETS), [4], list(GENERIC_POLICIES)):  # minicpmv-recipe: MiniCPM-V only
         resolution = resolve(adapter.model, roles, cell)
         assert all(name in modules for name in resolution.full)
 
