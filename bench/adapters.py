@@ -14,6 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from bench import store
+
 MODES = ("best", "all", "none")
 
 
@@ -40,7 +42,8 @@ def keep(peft_model, record: dict, out: Path, mode: str) -> Path | None:
     if mode == "best" and previous and max(score for score, _ in previous) >= record["val_score"]:
         return None
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{record['key']}-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=store.temp_prefix(record["key"]), suffix=".tmp", dir=root))  # its writer in its name
+    store._in_flight.add(str(tmp))
     try:
         peft_model.save_pretrained(tmp)
         meta = {k: record.get(k) for k in ("key", "suite", "model", "cell", "seed", "train", "val_score", "score", "metric")}
@@ -51,6 +54,7 @@ def keep(peft_model, record: dict, out: Path, mode: str) -> Path | None:
         tmp.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        store._in_flight.discard(str(tmp))
     if mode == "best":
         for _, old in previous:
             if old != target:

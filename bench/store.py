@@ -8,6 +8,8 @@ A record's file name is the run's key (cell, seed and a hash of everything that 
 so a rerun of the same command finds finished runs and skips them, and no run can appear twice.
 Writes go to a temporary file in the same folder, are flushed to disk and renamed over the target:
 a process killed at any moment leaves either the old complete file or the new complete file.
+A temporary's name says who writes it (``.<name>~<host>~<pid namespace>~<pid>~<random>.tmp``), so a
+starting worker removes only those whose writer is gone, never one that another worker is writing.
 """
 
 from __future__ import annotations
@@ -17,7 +19,11 @@ import gzip
 import hashlib
 import json
 import os
+import re
+import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 from bench.errors import BenchError
@@ -32,12 +38,73 @@ def _umask() -> int:
     return mask
 
 
+# ------------------------------------------------------------------ temporaries and their writers
+
+
+def _pid_namespace() -> str:
+    """Containers sharing a hostname (and a volume) each number their processes from 1: a pid only means
+    something within its pid namespace."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return ""
+
+
+HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "localhost"
+PID_NS = _pid_namespace()
+STALE_TMP_S = 3600.0  # a temporary untouched this long has no writer (other hosts', or from an older version)
+_TMP_NAME = re.compile(r"^\.(?P<name>.+)~(?P<host>[^~]*)~(?P<ns>\d*)~(?P<pid>\d+)~[^~]*\.tmp$")
+_in_flight: set[str] = set()  # this process's temporaries being written now
+
+
+def temp_prefix(name: str) -> str:
+    """The start of a temporary's name for ``name``: who writes it (host, pid namespace, pid)."""
+    return f".{name}~{HOST}~{PID_NS}~{os.getpid()}~"
+
+
+def _process_started(pid: int) -> float | None:
+    try:
+        import psutil
+
+        return psutil.Process(pid).create_time()
+    except Exception:
+        return None
+
+
+def writer_gone(tmp: Path, now: float | None = None) -> bool:
+    """Whether nobody can still be writing the temporary ``tmp``: its writer was a process of this
+    host (and pid namespace) that has exited (or whose pid now belongs to a younger process); any
+    other temporary (another host's, or an older version's without a writer in its name) once it has
+    been left untouched for STALE_TMP_S."""
+    try:
+        mtime = tmp.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    old = (now or time.time()) - mtime > STALE_TMP_S
+    m = _TMP_NAME.match(tmp.name)
+    if m is None or m["host"] != HOST or m["ns"] != PID_NS:
+        return old
+    pid = int(m["pid"])
+    if pid == os.getpid():
+        return str(tmp) not in _in_flight
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    started = _process_started(pid)
+    return started is not None and started > mtime + 1.0  # the pid was reused after the writer died
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """mkstemp creates 0600 files; results are for sharing, so they get the usual 0666 & ~umask."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
+        _in_flight.add(tmp)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -45,8 +112,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        if tmp is not None:
+            _in_flight.discard(tmp)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -150,8 +221,20 @@ class Store:
         pattern = f"{suite}/" if suite else "*/"
         return [r for r in map(read_record, record_files(self.records_dir, pattern)) if r is not None]
 
-    def clean_temporaries(self) -> None:
-        """Remove partial files a killed process left behind (they never replaced a record)."""
-        if self.records_dir.is_dir():
-            for tmp in self.records_dir.glob("*/.*.tmp"):
-                tmp.unlink(missing_ok=True)
+    TEMPORARIES = (".*.tmp", "records/*/.*.tmp", ".paused/*/.*.tmp", "adapters/*/.*")  # adapters/: temporary folders
+
+    def clean_temporaries(self) -> int:
+        """Remove partial files and adapter folders that killed processes left behind (they never replaced
+        anything); a temporary whose writer may still be at work stays. Returns how many were removed."""
+        now, removed = time.time(), 0
+        for pattern in self.TEMPORARIES:
+            for tmp in self.out.glob(pattern):
+                if pattern.startswith("adapters/") and not tmp.is_dir():
+                    continue
+                if writer_gone(tmp, now):
+                    if tmp.is_dir() and not tmp.is_symlink():
+                        shutil.rmtree(tmp, ignore_errors=True)
+                    else:
+                        tmp.unlink(missing_ok=True)
+                    removed += 1
+        return removed

@@ -54,14 +54,49 @@ def test_records_are_compressed_deterministic_and_old_plain_files_still_read(tmp
     assert not legacy.exists() and store.get("s", "old")["schema"] == SCHEMA
 
 
+def _dead_pid():
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
 def test_leftover_temporaries_are_ignored_and_cleaned(tmp_path):
+    """Removed: a dead writer's of this host, and (once untouched for an hour) another host's or an older
+    version's without a writer in the name; kept: a live writer's, and recent ones of other hosts."""
+    import time
+
+    from bench.store import HOST, PID_NS, STALE_TMP_S
+
     store = Store(tmp_path)
     store.put({"key": "k", "suite": "s", "status": "ok"})
-    partial = store.records_dir / "s" / ".k2.json.abc.tmp"
-    partial.write_text('{"key": "k2", "sui')
+    folder = store.records_dir / "s"
+    names = {
+        "dead": f".k2.json.gz~{HOST}~{PID_NS}~{_dead_pid()}~abc.tmp",
+        "alive": f".k3.json.gz~{HOST}~{PID_NS}~1~abc.tmp",  # pid 1 lives as long as the machine (or container)
+        "other host, recent": f".k4.json.gz~not-{HOST}~{PID_NS}~{_dead_pid()}~abc.tmp",
+        "other host, old": f".k5.json.gz~not-{HOST}~{PID_NS}~{_dead_pid()}~abc.tmp",
+        "other pid namespace, recent": f".k6.json.gz~{HOST}~1{PID_NS}~{_dead_pid()}~abc.tmp",
+        "older version, recent": ".k7.json.abc.tmp",
+        "older version, old": ".k8.json.abc.tmp",
+    }
+    for what, name in names.items():
+        (folder / name).write_text('{"key": "k2", "sui')
+        if what.endswith(", old"):
+            then = time.time() - STALE_TMP_S - 60
+            os.utime(folder / name, (then, then))
+    paused = store.paused_path("s", "k9").parent / f".k9.pt~{HOST}~{PID_NS}~{_dead_pid()}~abc.tmp"
+    adapter = store.out / "adapters" / "s" / f".k9~{HOST}~{PID_NS}~{_dead_pid()}~abc.tmp"
+    for path in (paused, adapter / "adapter_model.safetensors"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"partial")
     assert [r["key"] for r in store.all()] == ["k"]
-    store.clean_temporaries()
-    assert not partial.exists()
+    assert store.clean_temporaries() == 5
+    left = {what for what, name in names.items() if (folder / name).exists()}
+    assert left == {"alive", "other host, recent", "other pid namespace, recent", "older version, recent"}
+    assert not paused.exists() and not adapter.exists()
 
 
 def test_written_files_are_readable_by_others(tmp_path):
@@ -73,3 +108,39 @@ def test_written_files_are_readable_by_others(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "results.md").stat().st_mode) == 0o644
+
+
+def _writer(path, seconds):
+    """Another process writing ``path`` through atomic_write_bytes, pausing between its temporary and the rename."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = (
+        "import os, sys, time\n"
+        "real = os.replace\n"
+        f"os.replace = lambda a, b: (time.sleep({seconds}), real(a, b))[1]\n"
+        "from bench.store import atomic_write_bytes\n"
+        "atomic_write_bytes(sys.argv[1], b'{\"key\": \"k\"}')\n"
+    )
+    return subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+
+
+def test_clean_up_at_start_spares_a_writer_in_progress(tmp_path):
+    """Defect 1: a starting worker's clean-up deleted the in-flight temporary of a running writer."""
+    import time
+
+    store = Store(tmp_path)
+    target = store.records_dir / "s" / "k.json"
+    target.parent.mkdir(parents=True)
+    writer = _writer(target, 3)
+    deadline = time.time() + 60
+    while not list(target.parent.glob(".*.tmp")) and time.time() < deadline:
+        time.sleep(0.02)
+    assert list(target.parent.glob(".*.tmp")), "the writer made its temporary"
+    store.clean_temporaries()  # a worker starting while the other one writes
+    _, err = writer.communicate(timeout=60)
+    assert writer.returncode == 0, err[-2000:]
+    assert json.loads(target.read_text()) == {"key": "k"}
+    assert not list(target.parent.glob(".*.tmp"))
