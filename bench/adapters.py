@@ -33,6 +33,11 @@ def _saved(root: Path) -> list[tuple[float, Path]]:
     return runs
 
 
+def _adapter_bytes(peft_model) -> int:
+    """What the saved folder takes, about: the trained weights (LoRA matrices, fully trained modules)."""
+    return sum(p.numel() * p.element_size() for p in peft_model.parameters() if p.requires_grad)
+
+
 def keep(peft_model, record: dict, out: Path, mode: str) -> Path | None:
     """Save ``peft_model`` for a finished run if ``mode`` asks for it; returns the folder or None."""
     if mode == "none" or record.get("status") != "ok" or record.get("val_score") is None:
@@ -52,6 +57,11 @@ def keep(peft_model, record: dict, out: Path, mode: str) -> Path | None:
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
+    except Exception as exc:  # a full disk is not the run's failure: stop, and the run is retried on the next start
+        reason = store.disk_full_reason(exc)
+        if reason:
+            raise store.disk_full(root, _adapter_bytes(peft_model), reason) from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         store._in_flight.discard(str(tmp))

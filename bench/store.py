@@ -15,6 +15,7 @@ starting worker removes only those whose writer is gone, never one that another 
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import hashlib
 import json
@@ -97,8 +98,59 @@ def writer_gone(tmp: Path, now: float | None = None) -> bool:
     return started is not None and started > mtime + 1.0  # the pid was reused after the writer died
 
 
+# ------------------------------------------------------------------ disk full
+
+DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+             errno.EFBIG: "file too large for the file size limit"}
+
+
+class DiskFull(BenchError):
+    """A write failed for lack of space: nothing was half-written, and the run is retried on the next start."""
+
+
+def disk_full_reason(exc: BaseException | None) -> str | None:
+    """Why ``exc`` (or an exception it was raised from) says the disk is full, or None. Libraries
+    that write from native code (safetensors) report the errno only in their message: ``(os error 28)``."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            return DISK_FULL[exc.errno]
+        m = re.search(r"os error (\d+)", str(exc))
+        if m and int(m[1]) in DISK_FULL:
+            return DISK_FULL[int(m[1])]
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _size(n: float) -> str:
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if n < 1024 or unit == "TiB":
+            break
+    return f"{n:.1f} {unit}"
+
+
+def disk_full(folder: Path, needed: int | None, reason: str) -> DiskFull:
+    """The one-line error: the folder, the space the write needed (when known), the space left, what to do."""
+    probe = Path(folder)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = f"{_size(shutil.disk_usage(probe).free)} free there"
+    except OSError:
+        free = "free space unknown"
+    need = f"this write needs about {_size(needed)}; " if needed is not None else ""
+    return DiskFull(f"cannot write to {folder}: {reason} ({need}{free}); free some "
+                    f"space (or raise the quota, or the file size limit: ulimit -f) and run the same command again: finished runs are "
+                    f"kept and the unfinished one is retried")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """mkstemp creates 0600 files; results are for sharing, so they get the usual 0666 & ~umask."""
+    """mkstemp creates 0600 files; results are for sharing, so they get the usual 0666 & ~umask.
+    A full disk (or quota, or file size limit) raises :class:`DiskFull` and leaves no temporary."""
     path = Path(path)
     tmp = None
     try:
@@ -111,9 +163,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
+        reason = disk_full_reason(exc) if isinstance(exc, Exception) else None
+        if reason:
+            raise disk_full(path.parent, len(data), reason) from None
         raise
     finally:
         if tmp is not None:

@@ -487,11 +487,21 @@ class Worker:
         self.materialize()
 
     def _run_with_heartbeat(self, trial, fn):
+        from optuna.trial import TrialState
+
+        from bench.store import DiskFull
+
         stop = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(trial, stop), daemon=True)
         beat.start()
         try:
             return fn()
+        except DiskFull:  # the run is unfinished, not failed: any worker (this one on its next start) retries it
+            stop.set()
+            with contextlib.suppress(Exception):  # the journal may be on the full disk too
+                trial.set_user_attr("stale", True)
+                self.study.tell(trial, state=TrialState.FAIL)
+            raise
         finally:
             stop.set()
             beat.join()

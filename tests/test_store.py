@@ -144,3 +144,26 @@ def test_clean_up_at_start_spares_a_writer_in_progress(tmp_path):
     assert writer.returncode == 0, err[-2000:]
     assert json.loads(target.read_text()) == {"key": "k"}
     assert not list(target.parent.glob(".*.tmp"))
+
+
+def test_a_full_disk_is_one_clear_error_and_leaves_the_old_file(tmp_path, monkeypatch):
+    import errno
+
+    from bench.errors import BenchError
+    from bench.store import DiskFull, disk_full_reason
+
+    path = tmp_path / "records" / "s" / "r.json.gz"
+    atomic_write_text(path, "old")
+
+    def full(_fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(DiskFull) as caught:
+        atomic_write_text(path, "x" * 3000)
+    assert isinstance(caught.value, BenchError) and "\n" not in str(caught.value)
+    assert str(caught.value).startswith(f"cannot write to {path.parent}: no space left on device (this write needs about 2.9 KiB; ")
+    assert path.read_text() == "old" and [p.name for p in path.parent.iterdir()] == ["r.json.gz"]
+    # native writers (safetensors) give the errno in their message only
+    assert disk_full_reason(RuntimeError("Error while serializing: I/O error: Disk quota exceeded (os error 122)")) == "disk quota exceeded"
+    assert disk_full_reason(OSError(errno.EACCES, "Permission denied")) is None
