@@ -29,7 +29,7 @@ from bench.models import get_adapter
 from bench.parallel import Group
 from bench.space import Cell, TrainSettings
 from bench.spec import Spec
-from bench.store import DONE, DiskFull, Store, digest, disk_full, disk_full_reason
+from bench.store import DONE, SCHEMA, DiskFull, Store, check_schemas, digest, disk_full, disk_full_reason
 from bench.suite_data import content_digest, describe, read_split
 from bench.train import Diverged, attach, detach, ranks_for_budget, resolve, train
 from bench.vision_cache import VisionCache, encoder_is_frozen
@@ -251,6 +251,11 @@ def run(spec: Spec, console: Console | None = None) -> Path:
 
     console = console or Console()
     check_out_folder(spec.out)
+    schemas = check_schemas(Path(spec.out) / "records")  # a folder of records this version cannot read is refused here
+    older = sum(n for schema, n in schemas.items() if schema < SCHEMA)
+    if older:
+        console.print(f"[dim]{spec.out} holds {older} record(s) of an earlier record schema (before the validation split): "
+                      f"kept, but not resumed or tabled with this matrix (their training settings differ)[/dim]")
     if spec.storage:
         study.make_storage(spec)  # an unreachable database fails here, before the model loads or --out exists
     session = Session(spec, console)

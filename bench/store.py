@@ -30,6 +30,10 @@ from pathlib import Path
 from bench.errors import BenchError
 
 SCHEMA = 2  # 2: validation split (val_score, val_items, val_curve), per-part learning rates
+# Record schemas this version reads. 1 (plain JSON, before the validation split): test scores only; its
+# runs' keys differ from schema 2's (the training settings gained the split), so they are never resumed
+# or tabled with a matrix, and the recommender says it ignores them; bench.rescore reads them.
+READS = (1, 2)
 DONE = ("ok", "diverged")  # outcomes a rerun would reproduce; "failed"/"oom" are retried
 
 
@@ -186,6 +190,52 @@ def read_record(path: Path) -> dict | None:
         return json.loads(gzip.decompress(data) if str(path).endswith(".gz") else data)
     except (OSError, EOFError, ValueError):
         return None  # cannot happen with atomic writes; treat a foreign broken file as absent
+
+
+_SCHEMA_AT_START = re.compile(rb'^\{\s*"schema"\s*:\s*(\d+)\s*,')
+
+
+def record_schema(path: Path) -> int | None | str:
+    """A record file's schema, from its first bytes (records start with it): an int, None for a file that
+    does not parse or is no record (no ``kind``), or ``"none"`` for a record without one."""
+    path = Path(path)
+    try:
+        with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as fh:
+            head = fh.read(64)
+    except (OSError, EOFError):
+        return None
+    m = _SCHEMA_AT_START.match(head)
+    if m:
+        return int(m[1])
+    record = read_record(path)
+    if not isinstance(record, dict) or "kind" not in record:
+        return None
+    schema = record.get("schema")
+    return schema if isinstance(schema, int) and not isinstance(schema, bool) else "none"
+
+
+def schema_error(path: Path, schema, where: str) -> BenchError:
+    """Why this version cannot read a results folder, and what to do (``where``: the flag naming it)."""
+    if isinstance(schema, int) and schema > SCHEMA:
+        return BenchError(f"{path} has record schema {schema}, newer than this version of bench reads (schema "
+                          f"{READS[0]}-{SCHEMA}); update bench (git pull) to use these results, or pass another {where}")
+    what = "no record schema" if schema == "none" else f"record schema {schema}, which no version of bench wrote"
+    return BenchError(f"{path} has {what} (this version reads schema {READS[0]}-{SCHEMA}); move it out of the "
+                      f"results folder, or pass another {where}")
+
+
+def check_schemas(records_dir: Path, where: str = "--out") -> dict[int, int]:
+    """How many records of each schema ``records_dir`` (``<results>/records``) holds; a BenchError
+    naming the first record this version cannot read (a newer schema, or none)."""
+    counts: dict[int, int] = {}
+    for path in record_files(records_dir):
+        schema = record_schema(path)
+        if schema is None:
+            continue  # unreadable or not a record: ignored, as every reader does
+        if schema not in READS:
+            raise schema_error(path, schema, where)
+        counts[schema] = counts.get(schema, 0) + 1
+    return counts
 
 
 def record_files(folder: Path, pattern: str = "*/") -> list[Path]:

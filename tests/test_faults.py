@@ -133,3 +133,31 @@ def test_disk_full_stops_in_one_line_and_the_run_is_retried(tmp_path, fault):
     assert [t.user_attrs.get("executed") for t in trials[1:]] == [True]  # the second start trained it
     assert (out / "adapters" / "shapes" / cells[0]["key"] / "adapter_model.safetensors").is_file()
     assert not _leftovers(out)
+
+
+def test_results_folder_of_another_schema_is_read_or_refused(tmp_path):
+    """Records carry their schema: a folder of the previous one (1, before the validation split) is run
+    into, its records kept untouched; one with records this version cannot read is refused in one line
+    before anything loads or is written."""
+    from bench.store import encode_record
+    from tests.test_store import _schema_1_folder
+
+    out = tmp_path / "old"
+    old = _schema_1_folder(out)
+    before = {p: p.read_bytes() for p in (out / "records").rglob("*.json")}
+    done = _run(out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "holds 2 record(s) of an earlier record schema" in done.stdout
+    assert {p: p.read_bytes() for p in (out / "records").rglob("*.json")} == before
+    assert len((out / "results.csv").read_text().splitlines()) == 3  # header, base, the one run: not the old ones
+    assert {r["key"] for r in map(read_record, record_files(out / "records"))} >= {r["key"] for r in old}
+
+    newer = tmp_path / "newer"
+    path = newer / "records" / "shapes" / "k.json.gz"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(encode_record({"schema": SCHEMA + 1, "key": "k", "suite": "shapes", "kind": "cell", "status": "ok"}))
+    done = _run(newer)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert done.stderr == (f"error: {path} has record schema {SCHEMA + 1}, newer than this version of bench reads (schema 1-{SCHEMA}); "
+                           "update bench (git pull) to use these results, or pass another --out\n")
+    assert [p for p in newer.rglob("*") if p.is_file()] == [path]  # nothing written

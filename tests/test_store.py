@@ -167,3 +167,57 @@ def test_a_full_disk_is_one_clear_error_and_leaves_the_old_file(tmp_path, monkey
     # native writers (safetensors) give the errno in their message only
     assert disk_full_reason(RuntimeError("Error while serializing: I/O error: Disk quota exceeded (os error 122)")) == "disk quota exceeded"
     assert disk_full_reason(OSError(errno.EACCES, "Permission denied")) is None
+
+
+def _schema_1_folder(out):
+    """Records as the first version wrote them: plain indented JSON, schema 1, no validation split."""
+    common = {"schema": 1, "suite": "shapes", "metric": "vqa_accuracy", "model": "tiny-minicpmv", "data": "shapes-0123456789",
+              "machine": {"device": "cpu"}, "versions": {"torch": "2.4.0"}}
+    items = [{"id": f"t{i}", "question": "q", "prediction": "red", "answers": ["red"], "score": 1.0} for i in range(48)]
+    base = {**common, "key": "base-0123456789", "kind": "base", "status": "ok", "error": None, "cell": None, "seed": None,
+            "score": 1.0, "trainable_params": 0, "total_params": 1000, "items": items, "finished_at": "2026-11-01T00:00:00+00:00"}
+    cell = {**common, "key": "qv-r4-a8-frozen-s0-0123456789", "kind": "cell", "status": "ok", "error": None,
+            "cell": {"targets": "qv", "rank": 4, "alpha": 8, "vision": "frozen"}, "seed": 0,
+            "train": {"steps": 6, "batch_size": 8, "lr": 0.002, "lora_dropout": 0.05, "warmup_steps": 1, "weight_decay": 0.0,
+                      "max_grad_norm": 1.0, "train_items": 128, "test_items": 48},
+            "score": 1.0, "trainable_params": 100, "total_params": 1100, "peak_mem_mib": 500.0, "train_samples_per_s": 10.0,
+            "losses": [1.0, 0.5], "items": items, "wall_s": 3.0, "finished_at": "2026-11-01T00:00:01+00:00"}
+    folder = out / "records" / "shapes"
+    folder.mkdir(parents=True)
+    for record in (base, cell):
+        (folder / f"{record['key']}.json").write_text(json.dumps(record, indent=1) + "\n")
+    return [base, cell]
+
+
+def test_a_results_folder_of_the_previous_schema_is_read(tmp_path):
+    from bench.recommend import find_records
+    from bench.store import check_schemas
+
+    old = _schema_1_folder(tmp_path)
+    store = Store(tmp_path)
+    assert check_schemas(store.records_dir) == {1: 2}
+    assert sorted(r["key"] for r in store.all()) == sorted(r["key"] for r in old)
+    assert store.is_done("shapes", old[1]["key"]) and store.get("shapes", old[1]["key"]) == old[1]
+    assert sorted(r["key"] for r in find_records([tmp_path])) == sorted(r["key"] for r in old)
+    store.put({"key": "k", "suite": "shapes", "kind": "cell", "status": "ok"})  # a new run next to them
+    assert check_schemas(store.records_dir) == {1: 2, SCHEMA: 1}
+
+
+@pytest.mark.parametrize("schema", [SCHEMA + 1, None, 0])
+def test_records_this_version_cannot_read_are_refused_in_one_line(tmp_path, schema):
+    from bench.errors import BenchError
+    from bench.recommend import find_records
+    from bench.store import check_schemas, encode_record
+
+    record = {"key": "k", "suite": "shapes", "kind": "cell", "status": "ok", "val_score": 0.5, "new_field": [1, 2]}
+    if schema is not None:
+        record = {"schema": schema, **record}
+    path = tmp_path / "records" / "shapes" / "k.json.gz"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(encode_record(record))
+    for call, flag in ((lambda: check_schemas(tmp_path / "records"), "--out"), (lambda: find_records([tmp_path]), "--results")):
+        with pytest.raises(BenchError) as caught:
+            call()
+        message = str(caught.value)
+        assert "\n" not in message and message.startswith(f"{path} has ") and message.endswith(f"or pass another {flag}")
+        assert (f"record schema {schema}, newer than this version" in message) if schema else ("reads schema 1-2" in message)
