@@ -343,3 +343,55 @@ class Store:
                         tmp.unlink(missing_ok=True)
                     removed += 1
         return removed
+
+
+# ------------------------------------------------------------------ the study's journal
+
+
+def journal_backend(path: Path):
+    """Optuna's journal file for local workers, whose every append starts on a line of its own.
+
+    Optuna appends each batch of log lines under a lock. A worker killed (or out of disk) in the middle
+    of an append leaves a line without its end; readers skip such a last line, but the next append
+    went on from it, and the study could never be loaded again. Here each append, under the lock,
+    first cuts such a torn tail: nobody else can be writing it (the lock is held), and no reader has
+    applied it (it never ended)."""
+    from optuna.storages.journal import JournalFileBackend
+
+    class Journal(JournalFileBackend):
+        def append_logs(self, logs: list[dict]) -> None:
+            data = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode()
+            self._lock.acquire()
+            try:
+                _cut_torn_tail(Path(self._file_path))
+                with open(self._file_path, "ab") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            finally:
+                self._lock.release()
+
+    return Journal(str(path))
+
+
+def _cut_torn_tail(path: Path) -> int:
+    """Truncate ``path`` after its last newline; returns the bytes cut."""
+    with open(path, "r+b") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        end = size
+        while end > 0:
+            start = max(0, end - 65536)
+            fh.seek(start)
+            chunk = fh.read(end - start)
+            if end == size and chunk.endswith(b"\n"):
+                return 0
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                end = start + newline + 1
+                break
+            end = start
+        fh.truncate(end)
+        fh.flush()
+        os.fsync(fh.fileno())
+        return size - end
+

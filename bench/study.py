@@ -46,9 +46,10 @@ def make_storage(spec):
 
     if spec.storage is None:
         from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
 
-        return JournalStorage(JournalFileBackend(str(Path(spec.out) / "study.journal")))
+        from bench.store import journal_backend
+
+        return JournalStorage(journal_backend(Path(spec.out) / "study.journal"))
     try:
         return optuna.storages.RDBStorage(spec.storage, engine_kwargs={"pool_pre_ping": True})
     except Exception as exc:  # sqlalchemy raises many types; none should print the URL's password

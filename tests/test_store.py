@@ -221,3 +221,25 @@ def test_records_this_version_cannot_read_are_refused_in_one_line(tmp_path, sche
         message = str(caught.value)
         assert "\n" not in message and message.startswith(f"{path} has ") and message.endswith(f"or pass another {flag}")
         assert (f"record schema {schema}, newer than this version" in message) if schema else ("reads schema 1-2" in message)
+
+
+def test_a_torn_journal_line_does_not_break_the_study(tmp_path):
+    """A worker killed (or out of disk) in the middle of an append leaves a line without its end; the
+    next append went on from there, and the study could never be loaded again (JSONDecodeError)."""
+    from types import SimpleNamespace
+
+    import optuna
+
+    from bench.study import make_storage
+
+    spec = SimpleNamespace(storage=None, out=tmp_path)
+    study = optuna.create_study(study_name="s", storage=make_storage(spec))
+    study.enqueue_trial({"x": 1})
+    with open(tmp_path / "study.journal", "ab") as fh:  # the append a kill cut short
+        fh.write(b'{"op_code":4,"worker_id":"killed","study_id":0,"datetime_st')
+    again = optuna.load_study(study_name="s", storage=make_storage(spec))  # another worker goes on
+    again.enqueue_trial({"x": 2})
+    again.enqueue_trial({"x": 3})
+    reread = optuna.load_study(study_name="s", storage=make_storage(spec))
+    assert [t.system_attrs["fixed_params"]["x"] for t in reread.get_trials(deepcopy=False)] == [1, 2, 3]
+    assert (tmp_path / "study.journal").read_bytes().endswith(b"}\n")
