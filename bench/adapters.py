@@ -10,6 +10,7 @@ Each folder is written under a temporary name and renamed into place, and carrie
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -55,7 +56,7 @@ def keep(peft_model, record: dict, out: Path, mode: str) -> Path | None:
         (tmp / "run.json").write_text(json.dumps(meta, indent=1) + "\n")
         target = root / record["key"]
         if target.exists():
-            shutil.rmtree(target)
+            _discard(target)
         tmp.rename(target)
     except Exception as exc:  # a full disk is not the run's failure: stop, and the run is retried on the next start
         reason = store.disk_full_reason(exc)
@@ -68,5 +69,16 @@ def keep(peft_model, record: dict, out: Path, mode: str) -> Path | None:
     if mode == "best":
         for _, old in previous:
             if old != target:
-                shutil.rmtree(old, ignore_errors=True)
+                _discard(old)
     return target
+
+
+def _discard(folder: Path) -> None:
+    """Delete an adapter folder so that a kill at any moment leaves it whole or gone: it is renamed to a
+    temporary (its writer in the name) first, which the next start removes if the deletion was cut short."""
+    aside = folder.parent / f"{store.temp_prefix(folder.name)}{os.urandom(4).hex()}.tmp"
+    try:
+        folder.rename(aside)
+    except FileNotFoundError:  # another worker discarded it first
+        return
+    shutil.rmtree(aside, ignore_errors=True)

@@ -161,3 +161,45 @@ def test_results_folder_of_another_schema_is_read_or_refused(tmp_path):
     assert done.stderr == (f"error: {path} has record schema {SCHEMA + 1}, newer than this version of bench reads (schema 1-{SCHEMA}); "
                            "update bench (git pull) to use these results, or pass another --out\n")
     assert [p for p in newer.rglob("*") if p.is_file()] == [path]  # nothing written
+
+
+def test_a_kill_while_an_adapter_folder_is_replaced_leaves_no_half_folder(tmp_path, monkeypatch):
+    """--save-adapters best deletes the previous best's folder file by file; a kill in the middle left a
+    folder without its config or weights among the kept adapters. Deleted folders are first renamed to
+    a temporary (its writer in the name), which the next start removes."""
+    from pathlib import Path
+
+    from bench import adapters
+    from bench.store import Store
+
+    class Model:
+        def save_pretrained(self, path):
+            (Path(path) / "adapter_config.json").write_text("{}")
+            (Path(path) / "adapter_model.safetensors").write_bytes(b"weights")
+
+        def parameters(self):
+            return iter(())
+
+    def record(key, val):
+        return {"key": key, "suite": "s", "status": "ok", "val_score": val}
+
+    first = adapters.keep(Model(), record("a", 0.5), tmp_path, "best")
+    real = adapters.shutil.rmtree
+
+    def killed_midway(path, *args, **kwargs):  # deletes one file, then the process is gone
+        files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else []
+        if files:
+            files[0].unlink()
+            raise KeyboardInterrupt("kill -9")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(adapters.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        adapters.keep(Model(), record("b", 0.9), tmp_path, "best")
+    monkeypatch.setattr(adapters.shutil, "rmtree", real)
+    kept = [p for p in (tmp_path / "adapters" / "s").iterdir() if not p.name.startswith(".")]
+    for folder in kept:
+        assert {p.name for p in folder.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "run.json"}, folder
+    assert [p.name for p in kept] == ["b"] and not first.exists()
+    Store(tmp_path).clean_temporaries()  # the next start
+    assert [p.name for p in (tmp_path / "adapters" / "s").iterdir()] == ["b"]
