@@ -55,6 +55,7 @@ def keep(peft_model, record: dict, out: Path, mode: str) -> Path | None:
         meta = {k: record.get(k) for k in ("key", "suite", "model", "cell", "seed", "train", "val_score", "score", "metric")}
         (tmp / "run.json").write_text(json.dumps(meta, indent=1) + "\n")
         target = root / record["key"]
+        store._pause_in_write()
         if target.exists():
             _discard(target)
         tmp.rename(target)

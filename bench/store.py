@@ -58,6 +58,7 @@ def _pid_namespace() -> str:
 HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "localhost"
 PID_NS = _pid_namespace()
 STALE_TMP_S = 3600.0  # a temporary untouched this long has no writer (other hosts', or from an older version)
+PAUSE_ENV = "BENCH_TEST_PAUSE_IN_WRITE"  # test hook: seconds to sleep between the temporary's fsync and its rename
 _TMP_NAME = re.compile(r"^\.(?P<name>.+)~(?P<host>[^~]*)~(?P<ns>\d*)~(?P<pid>\d+)~[^~]*\.tmp$")
 _in_flight: set[str] = set()  # this process's temporaries being written now
 
@@ -152,6 +153,13 @@ def disk_full(folder: Path, needed: int | None, reason: str) -> DiskFull:
                     f"kept and the unfinished one is retried")
 
 
+def _pause_in_write() -> None:
+    """The soak tests' hook (bench/reliability/kill.py): a write that lasts, so a kill -9 can land inside it."""
+    seconds = os.environ.get(PAUSE_ENV)
+    if seconds:
+        time.sleep(float(seconds))
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """mkstemp creates 0600 files; results are for sharing, so they get the usual 0666 & ~umask.
     A full disk (or quota, or file size limit) raises :class:`DiskFull` and leaves no temporary."""
@@ -166,6 +174,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
+        _pause_in_write()
         os.replace(tmp, path)
     except BaseException as exc:
         if tmp is not None:

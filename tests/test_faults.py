@@ -163,6 +163,22 @@ def test_results_folder_of_another_schema_is_read_or_refused(tmp_path):
     assert [p for p in newer.rglob("*") if p.is_file()] == [path]  # nothing written
 
 
+@pytest.mark.soak
+def test_kill_9_soak_short(tmp_path):
+    """The kill soak of bench/reliability/kill.py, short: 3 kills of one of two workers on a 6-run matrix
+    (at least one aimed inside a write); nothing lost, nothing duplicated, every file parses."""
+    from bench.reliability.kill import run_soak
+
+    matrix = ["--suite", "shapes", "--preset", "smoke", "--limit", "24", "--protocol", "exhaustive", "--targets", "qv",
+              "--vision", "frozen,resampler", "--seeds", "0,1,2"]
+    result = run_soak(tmp_path / "out", kills=3, seed=1, pause_s=1.0, matrix=matrix, timeout_s=900)
+    assert len(result.kills) == 3 and not result.finished_early
+    assert any(k.aimed == "write" for k in result.kills)
+    assert result.runs == 6 and result.lost == [] and result.duplicated == []
+    assert result.unparsed == [] and result.temporaries == [] and result.files > 6
+    assert result.exit_codes == [0, 0]
+
+
 def test_a_kill_while_an_adapter_folder_is_replaced_leaves_no_half_folder(tmp_path, monkeypatch):
     """--save-adapters best deletes the previous best's folder file by file; a kill in the middle left a
     folder without its config or weights among the kept adapters. Deleted folders are first renamed to
