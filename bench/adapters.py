@@ -10,9 +10,12 @@ Each folder is written under a temporary name and renamed into place, and carrie
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from bench import store
 
 MODES = ("best", "all", "none")
 
@@ -31,6 +34,11 @@ def _saved(root: Path) -> list[tuple[float, Path]]:
     return runs
 
 
+def _adapter_bytes(peft_model) -> int:
+    """What the saved folder takes, about: the trained weights (LoRA matrices, fully trained modules)."""
+    return sum(p.numel() * p.element_size() for p in peft_model.parameters() if p.requires_grad)
+
+
 def keep(peft_model, record: dict, out: Path, mode: str) -> Path | None:
     """Save ``peft_model`` for a finished run if ``mode`` asks for it; returns the folder or None."""
     if mode == "none" or record.get("status") != "ok" or record.get("val_score") is None:
@@ -40,19 +48,38 @@ def keep(peft_model, record: dict, out: Path, mode: str) -> Path | None:
     if mode == "best" and previous and max(score for score, _ in previous) >= record["val_score"]:
         return None
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{record['key']}-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=store.temp_prefix(record["key"]), suffix=".tmp", dir=root))  # its writer in its name
+    store._in_flight.add(str(tmp))
     try:
         peft_model.save_pretrained(tmp)
         meta = {k: record.get(k) for k in ("key", "suite", "model", "cell", "seed", "train", "val_score", "score", "metric")}
         (tmp / "run.json").write_text(json.dumps(meta, indent=1) + "\n")
         target = root / record["key"]
+        store._pause_in_write()
         if target.exists():
-            shutil.rmtree(target)
+            _discard(target)
         tmp.rename(target)
+    except Exception as exc:  # a full disk is not the run's failure: stop, and the run is retried on the next start
+        reason = store.disk_full_reason(exc)
+        if reason:
+            raise store.disk_full(root, _adapter_bytes(peft_model), reason) from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        store._in_flight.discard(str(tmp))
     if mode == "best":
         for _, old in previous:
             if old != target:
-                shutil.rmtree(old, ignore_errors=True)
+                _discard(old)
     return target
+
+
+def _discard(folder: Path) -> None:
+    """Delete an adapter folder so that a kill at any moment leaves it whole or gone: it is renamed to a
+    temporary (its writer in the name) first, which the next start removes if the deletion was cut short."""
+    aside = folder.parent / f"{store.temp_prefix(folder.name)}{os.urandom(4).hex()}.tmp"
+    try:
+        folder.rename(aside)
+    except FileNotFoundError:  # another worker discarded it first
+        return
+    shutil.rmtree(aside, ignore_errors=True)

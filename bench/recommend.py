@@ -61,13 +61,14 @@ class Evidence:
 
 def find_records(folders: list[Path]) -> list[dict]:
     """Every record under ``<folder>/**/records/<suite>/``, each run once (folders may overlap)."""
-    from bench.store import read_record, record_files
+    from bench.store import check_schemas, read_record, record_files
 
     seen, records = set(), []
     for folder in folders:
         if not folder.exists():
             raise BenchError(f"--results {folder} does not exist; pass a folder written by run_bench.py")
         for records_dir in sorted(p for p in folder.rglob("records") if p.is_dir()):
+            check_schemas(records_dir, "--results")  # records of a newer schema (or none) are refused
             for path in record_files(records_dir):
                 record = read_record(path)
                 if record is None or "kind" not in record:

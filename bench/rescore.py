@@ -19,7 +19,7 @@ from pathlib import Path
 from bench import suites
 from bench.errors import BenchError
 from bench.metrics import METRICS
-from bench.store import Store, read_record, record_files
+from bench.store import Store, check_schemas, read_record, record_files
 from bench.suite_data import cache_root, content_digest, read_split
 
 SPLIT_FIELDS = (("test", "items", "score"), ("val", "val_items", "val_score"))
@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         for folder in args.folders:
             if not (folder / "records").is_dir():
                 raise BenchError(f"{folder} has no records/ folder; pass a folder written by run_bench.py")
+            check_schemas(folder / "records", "folder")
             store, answers = Store(folder), {}
             for path in record_files(folder / "records"):
                 record = read_record(path)

@@ -29,7 +29,7 @@ from bench.models import get_adapter
 from bench.parallel import Group
 from bench.space import Cell, TrainSettings
 from bench.spec import Spec
-from bench.store import DONE, Store, digest
+from bench.store import DONE, SCHEMA, DiskFull, Store, check_schemas, digest, disk_full, disk_full_reason
 from bench.suite_data import content_digest, describe, read_split
 from bench.train import Diverged, attach, detach, ranks_for_budget, resolve, train
 from bench.vision_cache import VisionCache, encoder_is_frozen
@@ -251,6 +251,11 @@ def run(spec: Spec, console: Console | None = None) -> Path:
 
     console = console or Console()
     check_out_folder(spec.out)
+    schemas = check_schemas(Path(spec.out) / "records")  # a folder of records this version cannot read is refused here
+    older = sum(n for schema, n in schemas.items() if schema < SCHEMA)
+    if older:
+        console.print(f"[dim]{spec.out} holds {older} record(s) of an earlier record schema (before the validation split): "
+                      f"kept, but not resumed or tabled with this matrix (their training settings differ)[/dim]")
     if spec.storage:
         study.make_storage(spec)  # an unreachable database fails here, before the model loads or --out exists
     session = Session(spec, console)
@@ -268,6 +273,11 @@ def run(spec: Spec, console: Console | None = None) -> Path:
             session.store.check_writable()
             session.store.clean_temporaries()
             worker = study.work(session, progress)
+        except OSError as exc:  # a full disk under the study's journal (Optuna's own writes)
+            reason = disk_full_reason(exc)
+            if reason:
+                raise disk_full(Path(exc.filename).parent if exc.filename else spec.out, None, reason) from None
+            raise
         finally:
             session.stop_followers()
     report.write_all(session.records(worker.keys()), session.spec, console, worker.study)
@@ -443,7 +453,12 @@ def _one_run(spec: Spec, adapter, sr: SuiteRun, cell: Cell, seed: int, resolutio
         record.update(status="diverged", error=str(exc), score=None, val_score=None)
     except torch.cuda.OutOfMemoryError as exc:
         record.update(status="oom", error=str(exc).splitlines()[0], score=None, val_score=None)
+    except DiskFull:  # not the run's failure: the worker stops, and the run is retried on the next start
+        raise
     except Exception as exc:  # recorded, and the matrix goes on
+        reason = disk_full_reason(exc)
+        if reason:
+            raise disk_full(Path(exc.filename).parent if getattr(exc, "filename", None) else spec.out, None, reason) from None
         record.update(status="failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0], score=None, val_score=None,
                       traceback=traceback.format_exc())
     finally:

@@ -46,9 +46,10 @@ def make_storage(spec):
 
     if spec.storage is None:
         from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
 
-        return JournalStorage(JournalFileBackend(str(Path(spec.out) / "study.journal")))
+        from bench.store import journal_backend
+
+        return JournalStorage(journal_backend(Path(spec.out) / "study.journal"))
     try:
         return optuna.storages.RDBStorage(spec.storage, engine_kwargs={"pool_pre_ping": True})
     except Exception as exc:  # sqlalchemy raises many types; none should print the URL's password
@@ -295,7 +296,7 @@ class Worker:
         leg = f" to step {until}" if until else ""
         self.progress.update(self.task, info=f"{sr.suite.name}: {cell.name} lr {train.lr:g} seed {seed}{leg}")
         record = self._run_with_heartbeat(trial, lambda: self.session.run(sr, cell, seed, self.progress, train=train, until=until))
-        self._tell(trial, record)
+        self._finish(trial, record)
 
     def _tell(self, trial, record: dict) -> None:
         """Attach the run's record to its trial and finish it: values when ok, PRUNED or FAIL otherwise."""
@@ -317,6 +318,19 @@ class Worker:
         else:
             trial.set_user_attr("error", record.get("error"))
             self.study.tell(trial, state=TrialState.FAIL)
+
+    def _finish(self, trial, record: dict) -> None:
+        """:meth:`_tell`, unless another worker has already failed the trial: it took this one for dead (a
+        heartbeat late past the grace period, a pid clash between containers) and enqueued the run again.
+        The record was written before the tell, so it is kept, and the retry completes from it."""
+        from optuna.exceptions import UpdateFinishedTrialError
+
+        try:
+            self._tell(trial, record)
+        except UpdateFinishedTrialError:
+            self.progress.console.print(
+                f"[yellow]trial {trial.number} ({record['key']}) was failed by another worker that took this one for dead; "
+                f"its {record['status']} record is kept, and the retry completes from it[/yellow]")
 
     def _heartbeat(self, trial, stop: threading.Event) -> None:
         while not stop.wait(HEARTBEAT_S):
@@ -404,7 +418,10 @@ class Worker:
             return None
 
         def hook(step: int, score: float) -> None:
-            trial.report(score, step)
+            try:
+                trial.report(score, step)
+            except optuna.exceptions.UpdateFinishedTrialError:  # another worker failed it: nothing to prune, the run goes on
+                return
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at step {step} (validation {sr.suite.metric} {score:.3f})")
 
@@ -419,7 +436,7 @@ class Worker:
         record = self._run_with_heartbeat(trial, lambda: self.session.run(sr, cell, seed, self.progress, train=train,
                                                                            on_val=self._pruning_hook(trial, sr),
                                                                            fractions=SEARCH_CURVE))
-        self._tell(trial, record)
+        self._finish(trial, record)
 
     def _counted(self) -> int:
         """Trials that count towards --trials: finished ones and live running ones."""
@@ -471,11 +488,21 @@ class Worker:
         self.materialize()
 
     def _run_with_heartbeat(self, trial, fn):
+        from optuna.trial import TrialState
+
+        from bench.store import DiskFull
+
         stop = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(trial, stop), daemon=True)
         beat.start()
         try:
             return fn()
+        except DiskFull:  # the run is unfinished, not failed: any worker (this one on its next start) retries it
+            stop.set()
+            with contextlib.suppress(Exception):  # the journal may be on the full disk too
+                trial.set_user_attr("stale", True)
+                self.study.tell(trial, state=TrialState.FAIL)
+            raise
         finally:
             stop.set()
             beat.join()

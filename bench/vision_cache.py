@@ -109,7 +109,12 @@ class VisionCache:
             self.folder = Path(tempfile.mkdtemp(prefix=f"bench-vision-{os.getpid()}-"))
             weakref.finalize(self, shutil.rmtree, self.folder, True)  # also at interpreter exit
         path = self.folder / f"{len(self.stored)}.safetensors"
-        save_file({k: t.detach().contiguous().cpu() for k, t in tensors.items()}, str(path))
+        try:
+            save_file({k: t.detach().contiguous().cpu() for k, t in tensors.items()}, str(path))
+        except Exception:  # a full temporary folder (or a file size limit): a cache is no reason to fail the run
+            path.unlink(missing_ok=True)
+            self.max_bytes = self.bytes  # stop caching; steps are computed as usual
+            return
         self.stored[key] = (path, checksum, kind)
         self.bytes += size
 
