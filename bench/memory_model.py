@@ -47,6 +47,22 @@ def estimate(model: torch.nn.Module, resolution: Resolution, cell: Cell, batch_s
              hidden_size: int, llm_layers: int, vision_tokens: int = 0, vision_hidden: int = 0, vision_layers: int = 0,
              weight_bytes_per_param: int | None = None, gradient_checkpointing: bool = False) -> MemoryEstimate:
     """Bytes at the peak of a training step for ``cell`` on ``model`` (the untouched base model)."""
+    state = train_state(model, resolution, cell, weight_bytes_per_param)
+    size = weight_bytes_per_param or _element_size(model)
+    per_layer = ACTIVATION_FACTOR * batch_size * seq_len * hidden_size * size
+    layers = 1 if gradient_checkpointing else llm_layers
+    activations = per_layer * layers
+    if cell.vision in ("resampler+vpm", "vpm-lora", "minicpmv-recipe") and vision_layers:
+        vision_layers_kept = 1 if gradient_checkpointing else vision_layers
+        activations += ACTIVATION_FACTOR * batch_size * vision_tokens * vision_hidden * size * vision_layers_kept
+    return MemoryEstimate(**state, activation_bytes=activations)
+
+
+def train_state(model: torch.nn.Module, resolution: Resolution, cell: Cell, weight_bytes_per_param: int | None = None) -> dict:
+    """The exact parameter-side bytes of training ``cell`` on ``model`` (the untouched base model): weights
+    (the base, its LoRA matrices and the trainable copies of fully trained modules), their gradients and
+    AdamW's two moments. Recorded with every run (``state_bytes``), so runs compare on a figure that does
+    not depend on what else the process did."""
     modules = dict(model.named_modules())
     lora = 0
     for name in resolution.lora:
@@ -54,22 +70,13 @@ def estimate(model: torch.nn.Module, resolution: Resolution, cell: Cell, batch_s
         lora += cell.rank * (layer.in_features + layer.out_features)
     copies = sum(p.numel() for name in resolution.full for p in modules[name].parameters())
     base = sum(p.numel() for p in model.parameters())
-    trainable = lora + copies
     size = weight_bytes_per_param or _element_size(model)
     # peft keeps LoRA weights in fp32 over a 16-bit base (autocast_adapter_dtype); copies keep the
     # base's dtype. Gradients and AdamW's two moments take their parameter's dtype.
     lora_size = max(size, 4)
-    weight = base * size + lora * lora_size + copies * size
     grads = lora * lora_size + copies * size
-    optimizer = 2 * grads
-    per_layer = ACTIVATION_FACTOR * batch_size * seq_len * hidden_size * size
-    layers = 1 if gradient_checkpointing else llm_layers
-    activations = per_layer * layers
-    if cell.vision in ("resampler+vpm", "vpm-lora", "minicpmv-recipe") and vision_layers:
-        vision_layers_kept = 1 if gradient_checkpointing else vision_layers
-        activations += ACTIVATION_FACTOR * batch_size * vision_tokens * vision_hidden * size * vision_layers_kept
-    return MemoryEstimate(frozen_params=base, trainable_params=trainable, weight_bytes=weight, grad_bytes=grads,
-                          optimizer_bytes=optimizer, activation_bytes=activations)
+    return {"frozen_params": base, "trainable_params": lora + copies,
+            "weight_bytes": base * size + lora * lora_size + copies * size, "grad_bytes": grads, "optimizer_bytes": 2 * grads}
 
 
 def measured_state_bytes(peft_model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:

@@ -9,7 +9,10 @@ distribution itself as the anchor "distance 0, gain 0" and flat beyond the farth
 that costs more memory must gain at least ``MIN_GAIN`` over every cheaper one to be chosen, so the
 calibrated threshold of a policy is the distance from which it pays for its measured cost. Within the
 chosen policy, the configuration is the one closest to each suite's best at the user's distance
-(weights of the same interpolation), subject to ``--memory-budget`` and ``--min-throughput``.
+(weights of the same interpolation), subject to ``--memory-budget`` and ``--min-throughput``. Memory is
+compared on a figure of each run alone (bench.memory_figures.compared): CUDA peak allocated on a GPU;
+on CPU the memory model's exact weights plus the run's growth over the process baseline, not the
+process's peak resident memory, which depends on what the process ran before.
 Leave-one-suite-out accuracy (hide a suite, decide its policy from the others, compare with the
 policies in its confidence set of the best) says how much to trust the rule.
 
@@ -28,6 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from bench import memory_figures
 from bench.errors import BenchError
 from bench.similarity import Comparison
 
@@ -45,10 +49,11 @@ class Evidence:
     data: str
     metric: str
     base: float | None  # test score of the untuned model
-    configs: pd.DataFrame  # one row per cell: CONFIG + RATES + val, score (test), seeds, peak_mem_mib, train_samples_per_s
+    configs: pd.DataFrame  # one row per cell: CONFIG + RATES + val, score (test), seeds, mem_mib, train_samples_per_s
     gains: dict[str, float] = field(default_factory=dict)  # policy -> mean paired validation gain over frozen
     acceptable: set[str] = field(default_factory=set)  # policies with a cell in the confidence set of the best (validation)
     distance: Comparison | None = None  # from the pretraining reference
+    memory: memory_figures.Figure = memory_figures.Figure(memory_figures.RECORDED)  # what mem_mib is (the same for every suite)
 
     @property
     def best(self) -> pd.Series:
@@ -97,7 +102,7 @@ def build_evidence(records: list[dict], model: str) -> tuple[list[Evidence], lis
     for r in records:
         if r["model"] == model and r.get("status") == "ok" and "val_score" in r:
             units.setdefault((r["suite"], r["data"]), []).append(r)
-    evidence = []
+    chosen = []
     for suite in sorted({s for s, _ in units}):
         candidates = sorted(((k, v) for k, v in units.items() if k[0] == suite), key=lambda kv: -sum(r["kind"] == "cell" for r in kv[1]))
         (_, data), runs = candidates[0]
@@ -113,13 +118,17 @@ def build_evidence(records: list[dict], model: str) -> tuple[list[Evidence], lis
         if not cells:
             continue
         base = next((r["score"] for r in runs if r["kind"] == "base"), None)
-        evidence.append(_evidence(suite, data, cells, base))
+        chosen.append((suite, data, cells, base))
+    memory = memory_figures.compared([r for _, _, cells, _ in chosen for r in cells])  # one figure across suites
+    if memory.note:
+        notes.append(memory.note)
+    evidence = [_evidence(suite, data, cells, base, memory) for suite, data, cells, base in chosen]
     if not evidence:
         raise BenchError("no finished benchmark runs in the records found; run a benchmark first, e.g. python run_bench.py --suite docvqa")
     return evidence, notes
 
 
-def _evidence(suite: str, data: str, cells: list[dict], base: float | None) -> Evidence:
+def _evidence(suite: str, data: str, cells: list[dict], base: float | None, memory: memory_figures.Figure) -> Evidence:
     from bench.verdict import judge
 
     v = judge(cells, n_boot=1000)[suite]
@@ -128,11 +137,16 @@ def _evidence(suite: str, data: str, cells: list[dict], base: float | None) -> E
         _, targets, rank, alpha, vision = c.key
         rows.append({"targets": targets, "rank": rank, "alpha": alpha, "vision": vision,
                      **dict(zip(RATES, c.setting)), "val": c.val, "score": c.test, "seeds": c.seeds,
-                     "peak_mem_mib": c.mean("peak_mem_mib"), "train_samples_per_s": c.mean("train_samples_per_s")})
-    ev = Evidence(suite, data, cells[0]["metric"], base, pd.DataFrame(rows))
+                     "mem_mib": _mean(memory.mib(r) for r in c.runs), "train_samples_per_s": c.mean("train_samples_per_s")})
+    ev = Evidence(suite, data, cells[0]["metric"], base, pd.DataFrame(rows), memory=memory)
     ev.gains = _gains(ev.configs)
     ev.acceptable = {c.key[4] for c in v.cells if c.key in v.best_set}
     return ev
+
+
+def _mean(values) -> float:
+    values = [x for x in values if x is not None]
+    return float(np.mean(values)) if values else math.nan
 
 
 def _gains(configs: pd.DataFrame) -> dict[str, float]:
@@ -158,7 +172,7 @@ class Calibration:
     """Gain of each policy as a function of distance from pretraining, and what each policy costs."""
 
     points: list[tuple[tuple[str, ...], float, dict[str, float]]]  # (suites, distance, gains) by distance; () = the anchor
-    cost: dict[str, tuple[float, float]]  # policy -> (mean peak MiB, mean train samples/s)
+    cost: dict[str, tuple[float, float]]  # policy -> (mean MiB of the evidence's memory figure, mean train samples/s)
 
     def gain(self, policy: str, d: float) -> float:
         xs = [x for _, x, g in self.points if policy in g]
@@ -222,7 +236,7 @@ def calibrate(evidence: list[Evidence]) -> Calibration:
     for policy in policies:
         rows = pd.concat([ev.configs[ev.configs.vision == policy] for ev in evidence])
         if len(rows):
-            cost[policy] = (float(rows.peak_mem_mib.mean()), float(rows.train_samples_per_s.mean()))
+            cost[policy] = (float(rows.mem_mib.mean()), float(rows.train_samples_per_s.mean()))
     return Calibration(points, cost)
 
 
@@ -250,7 +264,7 @@ def leave_one_out(evidence: list[Evidence]) -> pd.DataFrame:
 
 @dataclass
 class Choice:
-    config: pd.Series  # CONFIG + RATES (from the most weighted suite) + peak_mem_mib, train_samples_per_s
+    config: pd.Series  # CONFIG + RATES (from the most weighted suite) + mem_mib, measured_mib, train_samples_per_s
     per_suite: dict[str, tuple[float, float | None, float]]  # suite -> (test score, base, weight)
 
 
@@ -268,7 +282,7 @@ def choose(evidence: list[Evidence], calibration: Calibration | None, d: float |
         weights = {nearest: 1.0}
         ev = next(e for e in evidence if e.suite == nearest)
         allowed = [p for p in POLICY_ORDER if p in ev.acceptable and p in set(table.vision)] or list(table.vision)
-        policy = min(allowed, key=lambda p: table[table.vision == p].peak_mem_mib.mean())
+        policy = min(allowed, key=lambda p: table[table.vision == p].mem_mib.mean())
     rows = table[table.vision == policy].copy()
     best = {ev.suite: ev.best.val for ev in evidence}
     rows["fit"] = [  # on validation: closeness to each suite's best, weighted by the suites at the user's distance
@@ -280,7 +294,7 @@ def choose(evidence: list[Evidence], calibration: Calibration | None, d: float |
         rows = table[table.vision == policy].copy()
         rows["fit"] = [_weighted({s: (v - best[s], 1.0) for s, v in r.val_by_suite.items()}) for r in rows.itertuples()]
     top = rows.fit.max()
-    pick = rows[rows.fit >= top - MIN_GAIN].sort_values(["peak_mem_mib", "fit"], ascending=[True, False]).iloc[0].copy()
+    pick = rows[rows.fit >= top - MIN_GAIN].sort_values(["mem_mib", "fit"], ascending=[True, False]).iloc[0].copy()
     rates_from = max(pick.rates_by_suite, key=lambda s: (weights.get(s, 0.0), s == nearest))
     for name_, value in zip(RATES, pick.rates_by_suite[rates_from]):
         pick[name_] = value
@@ -297,20 +311,20 @@ def _weighted(values: dict[str, tuple[float, float]]) -> float:
 
 def _feasible(evidence: list[Evidence], budget_mib: float | None, min_throughput: float | None,
               memory: dict | None = None) -> pd.DataFrame:
-    """Every measured configuration (across suites) with its worst peak memory and mean throughput
-    (peak memory from ``memory`` instead, when given)."""
+    """Every measured configuration (across suites) with its worst memory (the evidence's figure) and mean
+    throughput (memory from ``memory`` instead, when given: estimates on another model)."""
     frames = [ev.configs.assign(suite=ev.suite) for ev in evidence]
     allc = pd.concat(frames)
     grouped = allc.groupby(CONFIG, sort=False)
-    table = grouped.agg(peak_mem_mib=("peak_mem_mib", "max"), train_samples_per_s=("train_samples_per_s", "mean")).reset_index()
+    table = grouped.agg(mem_mib=("mem_mib", "max"), train_samples_per_s=("train_samples_per_s", "mean")).reset_index()
     table["val_by_suite"] = [dict(zip(g.suite, g.val)) for _, g in grouped]
     table["test_by_suite"] = [dict(zip(g.suite, g.score)) for _, g in grouped]
     table["rates_by_suite"] = [{s: tuple(row[c] for c in RATES) for s, (_, row) in zip(g.suite, g.iterrows())} for _, g in grouped]
-    table["measured_mib"] = table.peak_mem_mib
+    table["measured_mib"] = table.mem_mib
     if memory is not None:
-        table["peak_mem_mib"] = [memory[_key(r)].total_bytes / 2**20 for _, r in table.iterrows()]
+        table["mem_mib"] = [memory[_key(r)].total_bytes / 2**20 for _, r in table.iterrows()]
     if budget_mib is not None:
-        table = table[table.peak_mem_mib <= budget_mib]
+        table = table[table.mem_mib <= budget_mib]
     if min_throughput is not None:
         table = table[table.train_samples_per_s >= min_throughput]
     return table
@@ -346,6 +360,10 @@ def estimate_memory(target: MemoryTarget, skeleton: torch.nn.Module, roles, conf
         out[_key(row)] = estimate_on(skeleton, roles, cell, target.batch_size, target.seq_len, target.image_tokens,
                                      target.bytes_per_param)
     return out
+
+
+def _mib(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x:.1f}" if abs(x) < 100 else f"{x:.0f}"
 
 
 def _gib(nbytes: float) -> str:
@@ -402,11 +420,11 @@ def run(args) -> int:
             notes.append(f"{args.estimate_for} has no fixed image resolution in its config: the estimate assumes 1024 "
                          "vision-encoder tokens per image")
         memory = estimate_memory(target, skeleton, other.roles, _feasible(evidence, None, None))
-    kind = "estimated" if memory is not None else "measured"
+    kind = "estimated peak" if memory is not None else f"measured memory ({evidence[0].memory.short})"
     if budget is not None and _feasible(evidence, budget, None, memory).empty:
-        smallest = _feasible(evidence, None, None, memory).sort_values("peak_mem_mib").iloc[0]
-        raise BenchError(f"no benchmarked configuration fits --memory-budget {args.memory_budget} (the smallest {kind} peak is "
-                         f"{smallest.peak_mem_mib:.0f} MiB: {name(smallest)}); raise the budget or benchmark smaller cells")
+        smallest = _feasible(evidence, None, None, memory).sort_values("mem_mib").iloc[0]
+        raise BenchError(f"no benchmarked configuration fits --memory-budget {args.memory_budget} (the smallest {kind} is "
+                         f"{smallest.mem_mib:.0f} MiB: {name(smallest)}); raise the budget or benchmark smaller cells")
     if args.min_throughput is not None and _feasible(evidence, budget, args.min_throughput, memory).empty:
         raise BenchError(f"no benchmarked configuration within the limits trains at >= {args.min_throughput:g} samples/s; "
                          "lower --min-throughput or raise --memory-budget")
@@ -437,13 +455,14 @@ def run(args) -> int:
     choice = choose(evidence, calibration, d, nearest, budget, args.min_throughput, memory)
     runner_up = None
     if choice is not None:
-        runner_up = choose(evidence, calibration, d, nearest, choice.config.peak_mem_mib * 0.99, args.min_throughput, memory)
+        runner_up = choose(evidence, calibration, d, nearest, choice.config.mem_mib * 0.99, args.min_throughput, memory)
     loo = leave_one_out(evidence) if calibration is not None else pd.DataFrame()
     text = markdown(args, adapter, data_set, data_distance, to_suite, nearest, evidence, calibration, choice, runner_up,
                     loo, budget, notes, target, memory)
     png = calibration_png(calibration, d, data_set.name) if calibration is not None else None
     summary = {"data": args.data, "recommended": _plain(choice.config) if choice else None,
                "memory": (f"estimated on {target.describe()}" if target else "measured on the benchmark model"),
+               "memory_figure": evidence[0].memory.kind, "memory_figure_label": evidence[0].memory.label,
                "estimated_bytes": memory[_key(choice.config)].to_dict() if memory and choice else None,
                "runner_up": _plain(runner_up.config) if runner_up else None,
                "mmd2_from_pretraining": data_distance.mmd2 if data_distance else None, "nearest_suite": nearest,
@@ -461,7 +480,7 @@ def run(args) -> int:
 def _plain(config: pd.Series) -> dict:
     out = dict(zip(CONFIG, _key(config)))
     out.update({r: float(config[r]) for r in RATES if r in config})
-    out["peak_mem_mib"] = float(config.peak_mem_mib)
+    out["memory_mib"] = float(config.mem_mib)  # estimated on --estimate-for's model, else measured_mib
     out["measured_mib"] = float(config.measured_mib)
     out["train_samples_per_s"] = float(config.train_samples_per_s)
     return out
@@ -493,8 +512,9 @@ def markdown(args, adapter, data_set, data_distance, to_suite, nearest, evidence
                          f"{_gib(e.weight_bytes)}, gradients {_gib(e.grad_bytes)}, AdamW {_gib(e.optimizer_bytes)}, activations "
                          f"{_gib(e.activation_bytes)}; {e.trainable_params:,} trainable parameters). Parameter terms are exact; "
                          "activations are a model (bench/memory_model.py), not a measurement")
-        lines.append(f"- measured on the benchmark model: peak memory {c.measured_mib:.0f} MiB, {c.train_samples_per_s:.0f} train "
-                     "samples/s (process peak RSS on CPU, peak allocated CUDA memory on GPU)")
+        figure = evidence[0].memory
+        lines.append(f"- measured on the benchmark model: memory {_mib(c.measured_mib)} MiB ({figure.short}; the most over the "
+                     f"suites), {c.train_samples_per_s:.0f} train samples/s")
         for suite, (score, base, w) in sorted(choice.per_suite.items(), key=lambda kv: -kv[1][2]):
             if w > 0:
                 lines.append(f"- on {suite} (weight {w:.2f} at your distance) it scored {score:.3f} on test"
@@ -505,7 +525,8 @@ def markdown(args, adapter, data_set, data_distance, to_suite, nearest, evidence
             lines.append(f"- expected score: {lo:.3f}-{hi:.3f} on suites at your distance (absolute levels differ by task)")
         if runner_up is not None:
             r = runner_up.config
-            mem = _gib(r.peak_mem_mib * 2**20) + " estimated" if memory is not None else f"{r.peak_mem_mib:.0f} MiB"
+            short = evidence[0].memory.short
+            mem = _gib(r.mem_mib * 2**20) + " estimated" if memory is not None else f"{_mib(r.mem_mib)} MiB ({short})"
             lines.append(f"- runner-up for a smaller budget: {name(r)}: {mem}, {r.train_samples_per_s:.0f} samples/s")
         else:
             lines.append("- runner-up for a smaller budget: none benchmarked below this memory")
@@ -525,7 +546,8 @@ def markdown(args, adapter, data_set, data_distance, to_suite, nearest, evidence
             lines.append(f"- {p}: predicted gain over frozen at your distance {calibration.gain(p, max(data_distance.mmd2, 0)):+.3f}; "
                          f"calibrated threshold: {where}{above}.")
         if policy:
-            lines.append(f"- Chosen policy {policy}: the cheapest (peak memory) whose predicted gain is within {MIN_GAIN:g} of the best.")
+            lines.append(f"- Chosen policy {policy}: the cheapest ({evidence[0].memory.short}) whose predicted gain is within "
+                         f"{MIN_GAIN:g} of the best.")
     if to_suite:
         n = to_suite[nearest]
         ev = next(e for e in evidence if e.suite == nearest)
@@ -548,11 +570,13 @@ def markdown(args, adapter, data_set, data_distance, to_suite, nearest, evidence
                 row[p] = "" if p not in ev.gains else f"{ev.gains[p]:+.3f}" + ("*" if p in ev.acceptable else "")
             rows.append(row)
         lines += [pd.DataFrame(rows).to_markdown(index=False), ""]
-        cost = pd.DataFrame([{"policy": p, "peak MiB (mean)": f"{calibration.cost[p][0]:.0f}",
+        figure = evidence[0].memory
+        cost = pd.DataFrame([{"policy": p, f"{figure.header}, mean": _mib(calibration.cost[p][0]),
                               "train samples/s (mean)": f"{calibration.cost[p][1]:.0f}",
                               "pays from MMD^2": "" if p == "frozen" else (lambda t: "never" if t is None else f"{t:.3f}")(calibration.threshold(p))}
                              for p in policies if p in calibration.cost])
-        lines += ["Measured cost per policy (all configurations, all suites):", "", cost.to_markdown(index=False), ""]
+        lines += [f"Measured cost per policy (all configurations, all suites); memory: {figure.label}:", "",
+                  cost.to_markdown(index=False), ""]
     if len(loo):
         lines += ["## Leave-one-suite-out", "", f"Decision accuracy: {int(loo.correct.sum())} of {len(loo)} suites "
                   f"({loo.correct.mean():.0%}); correct = the decided policy has a cell in the hidden suite's confidence set of "

@@ -18,7 +18,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from bench import race
+from bench import memory_figures, race
 from bench import verdict as verdicts
 from bench.machine import one_line
 from bench.stats import MARGIN
@@ -29,8 +29,13 @@ CELL_COLUMNS = ["target_set", "rank", "alpha", "vision_policy"]
 
 
 def frame(records: list[dict]) -> pd.DataFrame:
-    """``results.csv``: one row per run; ``chosen`` marks the runs at their cell's validation-chosen rate."""
+    """``results.csv``: one row per run; ``chosen`` marks the runs at their cell's validation-chosen rate.
+    Memory: ``peak_mem_mib`` as measured (``memory_kind``: CUDA peak allocated, or the CPU process's peak
+    RSS, which depends on run order), ``peak_delta_mib`` the run's growth over the process baseline,
+    ``state_mib`` the memory model's exact weight + gradient + AdamW bytes, and ``memory_mib`` the figure
+    runs are compared on, named in ``memory_figure`` (bench.memory_figures)."""
     chosen = {id(r) for c in verdicts.choose_rates(records).values() for r in c.runs}
+    figure = memory_figures.compared(records)
     rows = []
     for r in records:
         cell = r.get("cell") or {}
@@ -59,6 +64,11 @@ def frame(records: list[dict]) -> pd.DataFrame:
             "peak_mem_mib": r.get("peak_mem_mib"),
             "peak_reserved_mib": r.get("peak_reserved_mib"),
             "memory_kind": r.get("memory_kind"),
+            "peak_delta_mib": r.get("peak_delta_mib"),
+            "memory_released": r.get("memory_released"),
+            "state_mib": memory_figures.state_mib(r) if r.get("kind") == "cell" else None,
+            "memory_mib": figure.mib(r) if r.get("kind") == "cell" else None,
+            "memory_figure": figure.kind if r.get("kind") == "cell" else None,
             "train_samples_per_s": r.get("train_samples_per_s"),
             "train_tokens_per_s": r.get("train_tokens_per_s"),
             "eval_items_per_s": r.get("eval_items_per_s"),
@@ -75,8 +85,16 @@ def frame(records: list[dict]) -> pd.DataFrame:
                           kind="stable", na_position="first").reset_index(drop=True)
 
 
-def cells_frame(v: verdicts.SuiteVerdict) -> pd.DataFrame:
-    """One row per cell at its chosen rate: validation (chosen on), test (reported) with intervals."""
+def _mean(values) -> float:
+    values = [x for x in values if x is not None]
+    return float(np.mean(values)) if values else math.nan
+
+
+def cells_frame(v: verdicts.SuiteVerdict, memory: memory_figures.Figure | None = None) -> pd.DataFrame:
+    """One row per cell at its chosen rate: validation (chosen on), test (reported) with intervals.
+    ``memory_mib``: ``memory`` (default: what the cells' runs measured, bench.memory_figures.measured);
+    ``state_mib``: the memory model's exact weight, gradient and AdamW bytes."""
+    memory = memory or memory_figures.measured([r for c in v.cells for r in c.runs])
     rows = []
     for c in v.cells:
         _, targets, rank, alpha, vision = c.key
@@ -88,7 +106,8 @@ def cells_frame(v: verdicts.SuiteVerdict) -> pd.DataFrame:
             "test": test[0], "test_low": test[1], "test_high": test[2],
             "plateaued": c.plateaued[0], "curves": c.plateaued[1],
             "trainable_params": int(c.mean("trainable_params")) if not math.isnan(c.mean("trainable_params")) else None,
-            "peak_mem_mib": c.mean("peak_mem_mib"), "train_samples_per_s": c.mean("train_samples_per_s"),
+            "peak_mem_mib": c.mean("peak_mem_mib"), "memory_mib": _mean(memory.mib(r) for r in c.runs),
+            "state_mib": _mean(memory_figures.state_mib(r) for r in c.runs), "train_samples_per_s": c.mean("train_samples_per_s"),
             "eval_items_per_s": c.mean("eval_items_per_s"), "key": c.key,
         })
     return pd.DataFrame(rows)
@@ -199,6 +218,17 @@ def _protocol_lines(v: verdicts.SuiteVerdict, margin: float) -> list[str]:
     return lines
 
 
+def _mib(x: float) -> str:
+    return "" if math.isnan(x) else f"{x:.1f}" if abs(x) < 100 else f"{x:.0f}"
+
+
+def _memory_phrase(row, memory: memory_figures.Figure) -> str:
+    parts = [] if math.isnan(row.memory_mib) else [f"{_mib(row.memory_mib)} MiB ({memory.short})"]
+    if not math.isnan(row.state_mib):
+        parts.append(f"{_mib(row.state_mib)} MiB of weights, gradients and AdamW state (memory model)")
+    return "memory " + (", ".join(parts) or "not recorded")
+
+
 def _score(x: float) -> str:
     return "-" if math.isnan(x) else f"{x:.3f}"
 
@@ -229,13 +259,14 @@ def suite_markdown(v: verdicts.SuiteVerdict, metric: str, base: tuple, margin: f
         lines += [f"Data: {source}", ""]
     if not v.cells:
         return lines + ["No finished runs.", ""]
-    cells = cells_frame(v)
+    memory = memory_figures.measured([r for c in v.cells for r in c.runs])
+    cells = cells_frame(v, memory)
     lines += _protocol_lines(v, margin)
     b = cells.iloc[0]
     in_set = [verdicts.cell_name(k) for k in (c.key for c in v.cells) if k in v.best_set]
     lines += [f"**Best cell (validation):** `{_cell_name(b)}` at lr {b.lr:.2g}: validation {metric} {b.val:.3f}, "
-              f"test {b.test:.3f} {_ci(b.test_low, b.test_high)} over {b.seeds} seed(s); peak memory "
-              f"{b.peak_mem_mib:.0f} MiB, {b.train_samples_per_s:.0f} train samples/s.", ""]
+              f"test {b.test:.3f} {_ci(b.test_low, b.test_high)} over {b.seeds} seed(s); {_memory_phrase(b, memory)}, "
+              f"{b.train_samples_per_s:.0f} train samples/s.", ""]
     lines += [f"**Confidence set of the best (95%, validation):** {len(in_set)} of {len(v.cells)} cells: "
               + ", ".join(f"`{n}`" for n in in_set) + ".", ""]
     if base[1] is not None:
@@ -251,14 +282,20 @@ def suite_markdown(v: verdicts.SuiteVerdict, metric: str, base: tuple, margin: f
         "vs best on test": ["(best)" if k == v.best.key else (_comparison(v.vs_best[k]) if k in v.vs_best else "") for k in cells.key],
         "plateaued": [f"{p}/{n}" if n else "" for p, n in zip(cells.plateaued, cells.curves)],
         "trainable": cells.trainable_params,
-        "peak MiB": [f"{x:.0f}" for x in cells.peak_mem_mib],
+        memory.header: [None if math.isnan(x) else x for x in cells.memory_mib],
+        memory_figures.HEADERS[memory_figures.MODEL_STATE]: [None if math.isnan(x) else x for x in cells.state_mib],
         "samples/s": [f"{x:.0f}" for x in cells.train_samples_per_s],
     })
     lines += ["### Cells (best validation score first; each at its best learning rate on validation)", ""]
     lines += ["*vs best on test*: the cell minus the validation-chosen best on the same test items, 95% interval over "
               "seeds and items, and the verdict (better / worse / equivalent within the margin / not shown different). "
               "Validation scores are each cell's best over the rate grid, so they are optimistic; test scores are not.", ""]
-    lines += [shown.to_markdown(index=False, floatfmt=".3f"), ""]
+    lines += [f"*{memory.header}*: {memory.label}" + (f" ({memory.note})" if memory.note else "") + f"; *"
+              f"{memory_figures.HEADERS[memory_figures.MODEL_STATE]}*: {memory_figures.LABELS[memory_figures.MODEL_STATE]}. "
+              "Means over the cell's seeds.", ""]
+    mib = {memory.header: ".0f" if memory.kind in (memory_figures.CUDA_PEAK, memory_figures.RECORDED) else ".1f",
+           memory_figures.HEADERS[memory_figures.MODEL_STATE]: ".1f"}
+    lines += [shown.to_markdown(index=False, floatfmt=[mib.get(c, ".3f") for c in shown.columns]), ""]
     if len(v.grid) > 1:
         rates = pd.DataFrame({f"{lr:.2g}": [_score(c.by_rate.get(lr, (math.nan,))[0]) for c in v.cells] for lr in v.grid},
                              index=[verdicts.cell_name(c.key) for c in v.cells])
@@ -336,9 +373,10 @@ def terminal_table(judged: dict[str, verdicts.SuiteVerdict], records: list[dict]
     bases = verdicts.base_scores(records)
     for suite, v in judged.items():
         metric = next(r["metric"] for r in records if r["suite"] == suite)
-        cells = cells_frame(v)
-        table = Table(title=f"{suite}: {metric}, best on validation first (* = in the 95% best set)", box=box.SIMPLE_HEAD,
-                      pad_edge=False, collapse_padding=True)
+        memory = memory_figures.measured([r for c in v.cells for r in c.runs])
+        cells = cells_frame(v, memory)
+        table = Table(title=f"{suite}: {metric}, best on validation first (* = in the 95% best set; MiB = {memory.header})",
+                      box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
         for col in ("targets", "r", "vision", "lr", "seeds", "val", "test", "±95%", "MiB", "samp/s"):
             table.add_column(col, justify="left" if col in ("targets", "vision") else "right", no_wrap=True,
                              min_width={"vision": 13}.get(col))
@@ -346,7 +384,7 @@ def terminal_table(judged: dict[str, verdicts.SuiteVerdict], records: list[dict]
             half = "" if math.isnan(row.test_low) else f"{(row.test_high - row.test_low) / 2:.3f}"
             table.add_row(row.target_set, str(row.rank), row.vision_policy, f"{row.lr:.0e}" + ("!" if row.edge else ""),
                           str(row.seeds), f"{row.val:.3f}" + ("*" if row.in_best_set else " "), f"{row.test:.3f}", half,
-                          f"{row.peak_mem_mib:.0f}", f"{row.train_samples_per_s:.0f}", style="bold green" if i == 0 else None)
+                          _mib(row.memory_mib), f"{row.train_samples_per_s:.0f}", style="bold green" if i == 0 else None)
         base = bases.get(suite, (None, None))
         if base[1] is not None:
             val = "" if base[0] is None else f"{base[0]:.3f} "

@@ -25,6 +25,7 @@ from bench import adapters, machine, report
 from bench import suites as suite_registry
 from bench.errors import BenchError
 from bench.evaluate import evaluate, generation_budget
+from bench.memory_model import train_state
 from bench.models import get_adapter
 from bench.parallel import Group
 from bench.space import Cell, TrainSettings
@@ -379,6 +380,7 @@ def _one_run(spec: Spec, adapter, sr: SuiteRun, cell: Cell, seed: int, resolutio
     record.update(cell=cell.to_dict(), seed=seed, train=settings.to_dict(), max_gen_toks=sr.max_gen_toks,
                   resolution={"lora_modules": len(resolution.lora), "lora_examples": resolution.lora[:4], "full": resolution.full})
     total = sum(p.numel() for p in adapter.model.parameters())
+    state_bytes = {k: v for k, v in train_state(adapter.model, resolution, cell).items() if k.endswith("_bytes")}
     set_seed(seed)
     wall = time.perf_counter()
     peft_model = attach(adapter.model, resolution, cell, settings.lora_dropout, seed)
@@ -421,8 +423,8 @@ def _one_run(spec: Spec, adapter, sr: SuiteRun, cell: Cell, seed: int, resolutio
             if on_pause:
                 on_pause(result.state)
             record.update(status="paused", error=None, score=None, val_score=None, val_curve=curve, steps_trained=until,
-                          train_s=result.train_s, losses=result.losses, peak_mem_mib=result.peak_mem_mib,
-                          trainable_params=result.trainable_params, total_params=total)
+                          train_s=result.train_s, losses=result.losses, trainable_params=result.trainable_params,
+                          total_params=total, **memory_fields(result, state_bytes))
             record["wall_s"] = time.perf_counter() - wall
             record["finished_at"] = _now()
             return record
@@ -436,9 +438,7 @@ def _one_run(spec: Spec, adapter, sr: SuiteRun, cell: Cell, seed: int, resolutio
         record.update(
             status="ok", error=None, score=evaluation.score, val_score=val.score, val_curve=curve,
             plateaued=bool(val.score - late[0] < PLATEAU) if late else None,
-            trainable_params=result.trainable_params, total_params=total,
-            peak_mem_mib=result.peak_mem_mib, peak_reserved_mib=result.peak_reserved_mib,
-            peak_delta_mib=result.peak_delta_mib, memory_kind=result.memory_kind,
+            trainable_params=result.trainable_params, total_params=total, **memory_fields(result, state_bytes),
             train_samples_per_s=result.samples_per_s, train_tokens_per_s=result.tokens_per_s, train_s=result.train_s,
             eval_items_per_s=evaluation.items_per_s, eval_s=evaluation.seconds, losses=result.losses, steps_trained=settings.steps,
             items=evaluation.items, val_items=val.items,
@@ -470,6 +470,16 @@ def _one_run(spec: Spec, adapter, sr: SuiteRun, cell: Cell, seed: int, resolutio
     record["wall_s"] = time.perf_counter() - wall
     record["finished_at"] = _now()
     return record
+
+
+def memory_fields(result, state_bytes: dict) -> dict:
+    """A run's memory as recorded: the device's figures (bench.measure: CUDA peak allocated; CPU process
+    peak, and growth over the process baseline) and the memory model's exact weight / gradient / AdamW
+    bytes of the cell (bench.memory_model.train_state). bench.memory_figures reads them back."""
+    return {"peak_mem_mib": result.peak_mem_mib, "peak_reserved_mib": result.peak_reserved_mib,
+            "peak_delta_mib": result.peak_delta_mib, "memory_kind": result.memory_kind,
+            "memory_baseline_mib": result.memory_baseline_mib, "memory_released": result.memory_released,
+            "state_bytes": dict(state_bytes)}
 
 
 def _now() -> str:

@@ -140,8 +140,10 @@ class TrainResult:
     total_params: int
     peak_mem_mib: float
     peak_reserved_mib: float
-    peak_delta_mib: float
+    peak_delta_mib: float  # growth over the process baseline at the start (CPU: after freed memory was released)
     memory_kind: str
+    memory_baseline_mib: float = 0.0
+    memory_released: bool = False  # CPU: freed memory went back to the kernel before the baseline (bench.measure)
     extra: dict = field(default_factory=dict)
     state: dict | None = None  # set when the run paused (``pause_at``): everything :func:`train` needs to go on
 
@@ -234,7 +236,8 @@ def train(adapter, peft_model, examples: list[Example], settings: TrainSettings,
     cosine decay, grad clipping, NaN check each step. ``vision_cache`` (a bench.vision_cache.VisionCache,
     only for cells that leave the vision encoder frozen) serves the encoder's output for batches an
     earlier cell already ran. After each step in ``checkpoints``, ``on_checkpoint(step, model)`` runs
-    (validation scores; it may raise to stop the run) with the clock paused, so throughput is training's.
+    (validation scores; it may raise to stop the run) with the clock and the memory measurement paused,
+    so throughput and peak memory are training's.
 
     ``pause_at``: stop after that step (and its checkpoint) and return the state in ``result.state``;
     ``resume``: such a state, to go on from its step. Paused and resumed, a run makes the same
@@ -252,11 +255,12 @@ def train(adapter, peft_model, examples: list[Example], settings: TrainSettings,
     checkpointed = _gradient_checkpointing(peft_model, settings.gradient_checkpointing)
     model, optimizer = accelerator.prepare(peft_model, optimizer)
     batches = batch_order(len(examples), steps, settings.batch_size, seed)
-    losses, tokens, start, before_s, before_peak, state = [], 0, 0, 0.0, 0.0, None
+    losses, tokens, start, before_s, before_peak, before_delta, state = [], 0, 0, 0.0, 0.0, 0.0, None
     if resume is not None:
         _restore(resume, model, optimizer, scheduler)
         losses, tokens, start = list(resume["losses"]), resume["tokens"], resume["step"]
         before_s, before_peak = resume["train_s"], resume["peak_mem_mib"]
+        before_delta = resume.get("peak_delta_mib", 0.0)  # states paused before it was kept: this leg's alone
     model.train()
     cached = contextlib.nullcontext() if vision_cache is None else \
         vision_cache.serving(adapter.model.get_submodule(adapter.roles.vision))
@@ -288,7 +292,7 @@ def train(adapter, peft_model, examples: list[Example], settings: TrainSettings,
                 if on_step:
                     on_step(step + 1, value)
                 if on_checkpoint and step + 1 in checkpoints:
-                    with clock.paused():
+                    with clock.paused(), mem.paused():  # validation: neither training's time nor its memory
                         model.eval()
                         try:
                             on_checkpoint(step + 1, model)
@@ -303,7 +307,8 @@ def train(adapter, peft_model, examples: list[Example], settings: TrainSettings,
             module.gradient_checkpointing_disable()
     model.eval()
     if state is not None:  # the clock and the memory high-water mark are read once their blocks closed
-        state.update(train_s=before_s + clock.seconds, peak_mem_mib=max(before_peak, mem.peak_mib))
+        state.update(train_s=before_s + clock.seconds, peak_mem_mib=max(before_peak, mem.peak_mib),
+                     peak_delta_mib=max(before_delta, mem.delta_mib))
     return TrainResult(
         losses=losses,
         train_s=before_s + clock.seconds,
@@ -313,7 +318,9 @@ def train(adapter, peft_model, examples: list[Example], settings: TrainSettings,
         total_params=total,
         peak_mem_mib=max(before_peak, mem.peak_mib),
         peak_reserved_mib=mem.reserved_mib,
-        peak_delta_mib=mem.delta_mib,
+        peak_delta_mib=max(before_delta, mem.delta_mib),
         memory_kind=mem.kind,
+        memory_baseline_mib=mem.baseline_mib,
+        memory_released=mem.released,
         state=state,
     )

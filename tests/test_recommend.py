@@ -102,7 +102,7 @@ def test_leave_one_suite_out_and_choice_under_a_budget():
     assert far.config.vision == "resampler+vpm"
     assert far.config.targets in ("qk", "all")
     capped = choose(evidence, cal, 0.6, "far", 1000.0, None)
-    assert capped.config.vision == "resampler" and capped.config.peak_mem_mib <= 1000
+    assert capped.config.vision == "resampler" and capped.config.mem_mib <= 1000
     assert choose(evidence, cal, 0.6, "far", 500.0, None) is None
 
 
@@ -131,9 +131,13 @@ def my_images(tmp_path_factory):
 def test_recommend_end_to_end(two_suites, my_images, tmp_path):
     from bench.store import read_record, record_files
 
+    from bench import memory_figures
+
     recs = [read_record(p) for p in record_files(two_suites / "records")]
     cells = [r for r in recs if r["kind"] == "cell"]
-    budget = sorted(r["peak_mem_mib"] for r in cells)[-1] + 1
+    figure = memory_figures.compared(cells)
+    assert figure.kind == memory_figures.CPU_TRAIN and figure.note is None  # fresh CPU records: comparable per run
+    budget = sorted(figure.mib(r) for r in cells)[-1] + 1
     out = tmp_path / "rec"
     result = run_cli("--recommend", "--data", str(my_images), "--results", str(two_suites), "--samples", "40",
                      "--memory-budget", f"{budget:.0f}MiB", "--out", str(out))
@@ -144,7 +148,10 @@ def test_recommend_end_to_end(two_suites, my_images, tmp_path):
     measured = [r for r in cells if (r["cell"]["targets"], r["cell"]["rank"], r["cell"]["vision"]) ==
                 (chosen["targets"], chosen["rank"], chosen["vision"])]
     assert measured, "the recommendation names a cell that was benchmarked"
-    assert max(r["peak_mem_mib"] for r in measured) <= budget
+    assert max(figure.mib(r) for r in measured) <= budget
+    assert summary["recommended"]["measured_mib"] == pytest.approx(max(
+        np.mean([figure.mib(r) for r in measured if r["data"] == data]) for data in {r["data"] for r in measured}))
+    assert f"memory: {figure.label}" in md
     assert f"**Recommended: {chosen['targets']} r{chosen['rank']}" in md
     assert "## Calibration" in md and "## Leave-one-suite-out" in md and "MMD^2" in md
     assert (out / "calibration.png").read_bytes()[:4] == b"\x89PNG"
