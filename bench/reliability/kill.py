@@ -6,9 +6,9 @@
 Two processes run the same command on the same ``--out``, as the README's *Many workers* says to run
 local workers. Again and again one of them, drawn at random, is sent SIGKILL and started again at once.
 Half of the kills (in a random order) wait for a random delay (start-up, training, evaluation, telling the study: whatever
-the worker is doing then); the other half wait until the worker is inside a write: the test hook
-``BENCH_TEST_PAUSE_IN_WRITE`` holds every atomic write (records, tables, adapter folders) between its
-temporary and the rename, so the kill lands there. A kill landed inside a write when the worker's
+the worker is doing then); the other half wait until the worker is inside a write (alternately a
+run's record, and any write): the test hook ``BENCH_TEST_PAUSE_IN_WRITE`` holds every atomic write
+(records, tables, adapter folders) between its temporary and the rename, so the kill lands there. A kill landed inside a write when the worker's
 temporary (its pid is in the name) is left behind. At the end the study must be complete: no run lost
 (each has a done record and a complete trial), none duplicated (completed or trained twice), every
 file in the results folder parses, and no temporary is left.
@@ -38,11 +38,14 @@ MATRIX = ["--suite", "shapes", "--preset", "smoke", "--limit", "24", "--protocol
 SEEDS = "0,1,2,3"
 
 
+AIMS = {"record": "a record's write", "write": "a write", "random": "a random moment"}
+
+
 @dataclass
 class Kill:
     worker: int
     after_s: float  # since that worker (re)started
-    aimed: str  # "write" or "random"
+    aimed: str  # "record" (inside a record's write), "write" (inside any write) or "random"
     writing: str | None  # the temporary it left behind (the kill landed inside that write), else None
 
 
@@ -74,10 +77,10 @@ def _start(out: Path, matrix: list[str], env: dict, logs: Path, n: int) -> subpr
                                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
-def _wait(proc: subprocess.Popen, until: float, out: Path | None = None) -> None:
-    """Until the deadline, the process's exit, or (``out`` given) a temporary of it under ``out``."""
+def _wait(proc: subprocess.Popen, until: float, out: Path | None = None, under: str = "") -> None:
+    """Until the deadline, the process's exit, or (``out`` given) a temporary of it in ``out/under``."""
     while time.time() < until and proc.poll() is None:
-        if out is not None and _temporaries(out, proc.pid):
+        if out is not None and any(str(p.relative_to(out)).startswith(under) for p in _temporaries(out, proc.pid)):
             return
         time.sleep(0.02)
 
@@ -92,7 +95,9 @@ def run_soak(out: Path, kills: int = 10, seed: int = 0, pause_s: float = 1.0, ma
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "COLUMNS": "200", "PYTHONUNBUFFERED": "1",
            PAUSE_ENV: str(pause_s)}
     result, t0, n = Soak(), time.time(), 0
-    aims = ["write"] * (kills // 2) + ["random"] * (kills - kills // 2)  # half of them aimed inside a write
+    # half of them aimed inside a write: alternately a run's record, and whatever the worker writes first
+    # (a run writes its adapter folder before its record)
+    aims = [("record", "write")[i % 2] for i in range(kills // 2)] + ["random"] * (kills - kills // 2)
     rng.shuffle(aims)
     procs, since = [], []
     for _ in range(workers):
@@ -106,8 +111,8 @@ def run_soak(out: Path, kills: int = 10, seed: int = 0, pause_s: float = 1.0, ma
             break
         victim = rng.choice(alive)
         aimed = aims[len(result.kills)]
-        if aimed == "write":
-            _wait(procs[victim], time.time() + 60, out)
+        if aimed != "random":
+            _wait(procs[victim], time.time() + 60, out, "records/" if aimed == "record" else "")
         else:
             _wait(procs[victim], time.time() + rng.uniform(0.5, 15))
         proc = procs[victim]
@@ -119,7 +124,7 @@ def run_soak(out: Path, kills: int = 10, seed: int = 0, pause_s: float = 1.0, ma
         kill = Kill(victim, time.time() - since[victim], aimed, str(left[0].relative_to(out)) if left else None)
         result.kills.append(kill)
         say(f"kill {len(result.kills)}: worker {victim} (pid {proc.pid}) {kill.after_s:.1f} s after its start, aimed at "
-            f"{'a write' if aimed == 'write' else 'a random moment'}: " + (f"inside the write of {kill.writing}" if left else "not inside a write"))
+            f"{AIMS[aimed]}: " + (f"inside the write of {kill.writing}" if left else "not inside a write"))
         procs[victim] = _start(out, matrix, env, logs, n)
         since[victim] = time.time()
         n += 1
@@ -243,7 +248,7 @@ def markdown(r: Soak, args, matrix: list[str]) -> str:
     options = "".join(f" --{k} {v}" for k, v in (("kills", args.kills), ("seed", args.seed), ("seeds", args.seeds), ("pause", args.pause))
                       if v != {"kills": 10, "seed": 0, "seeds": SEEDS, "pause": 1.0}[k])
     inside = [k for k in r.kills if k.writing]
-    aimed = sum(k.aimed == "write" for k in r.kills)
+    aimed = sum(k.aimed != "random" for k in r.kills)
     lines = [
         "## kill -9 of one of two local workers", "",
         f"Command: `python -m bench.reliability --only kill{options}` ({r.wall_s / 60:.1f} min)", "",
@@ -251,9 +256,10 @@ def markdown(r: Soak, args, matrix: list[str]) -> str:
         f"Two workers run `python run_bench.py {' '.join(matrix)} --out <temporary folder>` on the same folder. "
         f"{len(r.kills)} times, one of the running workers, drawn at random (seed {args.seed}), gets SIGKILL and is started "
         f"again at once: {len(r.kills) - aimed} at a random moment 0.5-15 s after its start, {aimed} as soon as it is inside a "
-        f"write (the test hook `{PAUSE_ENV}={args.pause:g}` holds each atomic write {args.pause:g} s between its temporary "
-        f"and the rename). A kill landed inside a write when the killed worker's temporary (its pid is in the name) was "
-        f"left behind.", "",
+        f"write (alternately a run's record, and any write: a run writes its adapter folder first); the test hook "
+        f"`{PAUSE_ENV}={args.pause:g}` holds each atomic write (records, tables, adapter folders) {args.pause:g} s between "
+        f"its temporary and the rename. A kill landed inside a write when the killed worker's temporary (its pid is in "
+        f"the name) was left behind.", "",
         "| figure | value |", "|---|---|",
         f"| kills | {len(r.kills)}{' (the study finished before the rest)' if r.finished_early else ''} |",
         f"| landed inside a write | {len(inside)} ({', '.join(sorted({_kind(k.writing) for k in inside})) or '-'}) |",
@@ -266,7 +272,7 @@ def markdown(r: Soak, args, matrix: list[str]) -> str:
         f"| exit status of the last two workers | {', '.join(map(str, r.exit_codes))} |",
         f"| wall time | {r.wall_s / 60:.1f} min |", "",
         "| kill | worker | after its start | aimed at | landed inside the write of |", "|---|---|---|---|---|",
-        *[f"| {i} | {k.worker} | {k.after_s:.1f} s | {'a write' if k.aimed == 'write' else 'a random moment'} | "
+        *[f"| {i} | {k.worker} | {k.after_s:.1f} s | {AIMS[k.aimed]} | "
           f"{('`' + k.writing + '`') if k.writing else '-'} |" for i, k in enumerate(r.kills, 1)],
         "",
     ]
