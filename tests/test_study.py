@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -50,16 +51,73 @@ def _check_complete(out, n_runs):
     return csv
 
 
+@pytest.fixture(scope="module")
+def one_worker(tmp_path_factory):
+    """The same matrix run by one process: what the workers' tables must equal."""
+    out = tmp_path_factory.mktemp("one-worker") / "out"
+    first = _start(out)
+    _, err = first.communicate(timeout=900)
+    assert first.returncode == 0, err[-2000:]
+    return out
+
+
 @pytest.mark.parametrize("workers", [2, 4])
-def test_local_workers_share_one_study(tmp_path, workers):
+def test_local_workers_share_one_study(tmp_path, workers, one_worker):
+    """Workers on one --out: every run once, and the tables one process writes for the same matrix
+    (every row and every computed figure; timings and memory are measured, so they differ)."""
+    from bench.reliability.tables import differences
+
     out = tmp_path / "out"
     procs = [_start(out) for _ in range(workers)]
     outputs = [p.communicate(timeout=900) for p in procs]
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-2000:]
-    tables = {(out / "results.md").read_text()}
-    csv = _check_complete(out, 4)
-    assert tables and csv
+    _check_complete(out, 4)
+    assert differences(one_worker, out, measured=False) == []
+
+
+def test_table_comparison_can_fail(tmp_path, one_worker):
+    """The comparison above sees a changed score, a missing row, a changed verdict; it ignores timings
+    only when told to, and the command line always."""
+    import shutil
+
+    from bench.reliability.tables import differences
+
+    def variant(name, edit_csv=None, edit_md=None):
+        folder = tmp_path / name
+        shutil.copytree(one_worker, folder)
+        for file, edit in (("results.csv", edit_csv), ("results.md", edit_md)):
+            if edit:
+                (folder / file).write_text(edit((folder / file).read_text()))
+        return folder
+
+    csv_lines = (one_worker / "results.csv").read_text().splitlines()
+    header = csv_lines[0].split(",")
+    score, peak = header.index("score"), header.index("peak_mem_mib")
+
+    def set_field(col, value):
+        def edit(text):
+            lines = text.splitlines()
+            row = lines[-1].split(",")
+            row[col] = value
+            return "\n".join([*lines[:-1], ",".join(row)]) + "\n"
+        return edit
+
+    assert differences(one_worker, variant("same")) == []
+    shuffled = variant("shuffled", edit_csv=lambda t: "\n".join([t.splitlines()[0], *reversed(t.splitlines()[1:])]) + "\n",
+                       edit_md=lambda t: t.replace("Command: `", "Command: `python other.py "))
+    assert differences(one_worker, shuffled) == [], "row order and the command line do not matter"
+    changed_score = variant("score", edit_csv=set_field(score, "0.123"))
+    assert differences(one_worker, changed_score, measured=False)
+    dropped_row = variant("row", edit_csv=lambda t: "\n".join(t.splitlines()[:-1]) + "\n")
+    assert differences(one_worker, dropped_row, measured=False)
+    verdict = variant("verdict", edit_md=lambda t: t.replace("not shown different", "better", 1))
+    assert "not shown different" in (one_worker / "results.md").read_text()
+    assert any(d.startswith("results.md") for d in differences(one_worker, verdict, measured=False))
+    memory = variant("memory", edit_csv=set_field(peak, "1.0"),
+                     edit_md=lambda t: re.sub(r"peak memory \d+ MiB", "peak memory 1 MiB", t))
+    assert differences(one_worker, memory, measured=False) == []
+    assert len(differences(one_worker, memory)) == 2
 
 
 def test_killed_worker_run_is_retried(tmp_path):
