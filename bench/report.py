@@ -551,10 +551,10 @@ def search_markdown(study, spec) -> str:
 
 def _test_score(trial) -> float | None:
     """The trial's test score, reported next to the validation score it was chosen on."""
-    import json
+    from bench.study import trial_record
 
-    record = trial.user_attrs.get("record")
-    return json.loads(record).get("score") if record else None
+    record = trial_record(trial)
+    return record.get("score") if record else None
 
 
 PARETO_PNG = "pareto.png"

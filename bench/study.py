@@ -6,7 +6,9 @@ params and its run key as a user attribute; the value told to Optuna is the vali
 execute them through the same :meth:`bench.runner.Session.run` and ``tell`` the outcome. A trial
 whose worker died (its pid is gone on this host, or its heartbeat is older than the grace period) is
 failed and its run enqueued again; a run whose record exists is never executed twice. The records
-travel in the trials, so every worker can write the same final tables.
+travel in the trials, so every worker can write the same final tables: zlib-compressed, base64 text
+in pieces of at most ``PIECE`` characters (MySQL keeps an attribute in a TEXT column, 64 KiB, and a
+record with its per-item predictions is larger), see :func:`put_payload`.
 
 Storage: a JournalStorage file in the output folder by default (safe for several local processes);
 ``--storage postgresql://...`` or ``mysql://...`` for several machines. GridSampler is not used: with
@@ -15,14 +17,17 @@ several workers it leaves holes and duplicates.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
 import socket
 import threading
 import time
+import zlib
 from pathlib import Path
 
 from bench.errors import BenchError
@@ -41,6 +46,65 @@ def redact(url: str) -> str:
     return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
+PIECE = 32768  # characters of base64 per attribute: Optuna stores it JSON-quoted, MySQL's TEXT holds 65,535 bytes
+CODEC = "zlib+base64"
+ERROR_CHARS = 1000  # a failed run's reason as a trial attribute (the record keeps it whole)
+
+
+def put_payload(set_attr, name: str, value) -> None:
+    """Store a JSON value (a record) through ``set_attr(key, value)`` in bounded pieces: compressed, as
+    base64 text under ``<name>#<digest>:<i>``, then ``name`` = {codec, pieces, digest} written last, so a
+    reader never finds a header whose pieces are missing, and two workers writing the same name at once
+    (the base record) each write their own pieces."""
+    data = zlib.compress(json.dumps(value, separators=(",", ":")).encode(), 9)
+    text = base64.b64encode(data).decode("ascii")
+    digest_ = hashlib.sha256(data).hexdigest()[:16]
+    pieces = [text[i:i + PIECE] for i in range(0, len(text), PIECE)]
+    for i, piece in enumerate(pieces):
+        set_attr(f"{name}#{digest_}:{i}", piece)
+    set_attr(name, {"codec": CODEC, "pieces": len(pieces), "digest": digest_})
+
+
+def get_payload(attrs: dict, name: str):
+    """The value :func:`put_payload` stored under ``name`` in ``attrs`` (a trial's or a study's user
+    attributes); a JSON string as earlier versions stored records whole; None when absent."""
+    header = attrs.get(name)
+    if header is None:
+        return None
+    if isinstance(header, str):
+        return json.loads(header)
+    try:
+        if header.get("codec") != CODEC:
+            raise ValueError(f"unknown codec {header.get('codec')!r}")
+        text = "".join(attrs[f"{name}#{header['digest']}:{i}"] for i in range(int(header["pieces"])))
+        data = base64.b64decode(text, validate=True)
+        if hashlib.sha256(data).hexdigest()[:16] != header["digest"]:
+            raise ValueError("its pieces do not match their digest")
+        return json.loads(zlib.decompress(data))
+    except KeyError as exc:
+        reason = f"piece {exc.args[0]!r} is missing"
+    except (ValueError, TypeError, AttributeError, zlib.error) as exc:
+        reason = str(exc) or type(exc).__name__
+    raise BenchError(f"the study's attribute {name!r} cannot be read ({reason}); the storage was changed by hand or by "
+                     "another program: restore it, or use a new --storage database or --out")
+
+
+def trial_record(trial) -> dict | None:
+    """The run record a finished trial carries (see :meth:`Worker._tell`)."""
+    return get_payload(trial.user_attrs, "record")
+
+
+def _storage_url(url: str) -> str:
+    """``mysql://`` means the mysqlclient driver to SQLAlchemy; where only PyMySQL is installed (the
+    driver the README names), use it."""
+    import importlib.util
+
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme == "mysql" and importlib.util.find_spec("MySQLdb") is None and importlib.util.find_spec("pymysql"):
+        return f"mysql+pymysql://{rest}"
+    return url
+
+
 def make_storage(spec):
     import optuna
 
@@ -51,7 +115,7 @@ def make_storage(spec):
 
         return JournalStorage(journal_backend(Path(spec.out) / "study.journal"))
     try:
-        return optuna.storages.RDBStorage(spec.storage, engine_kwargs={"pool_pre_ping": True})
+        return optuna.storages.RDBStorage(_storage_url(spec.storage), engine_kwargs={"pool_pre_ping": True})
     except Exception as exc:  # sqlalchemy raises many types; none should print the URL's password
         reason = redact(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__
         raise BenchError(f"cannot open --storage {redact(spec.storage)} ({reason}); check the URL, the server and the driver (pip install 'psycopg[binary]' or pymysql)") from None
@@ -305,7 +369,7 @@ class Worker:
         trial.set_user_attr("executed", self.session.executed)  # False: its record already existed
         trial.set_user_attr("status", record["status"])
         trial.set_user_attr("steps_trained", record.get("steps_trained"))
-        trial.set_user_attr("record", json.dumps(record))
+        put_payload(trial.set_user_attr, "record", record)
         if self.spec.memory_budget_mib is not None:
             peak = record.get("peak_mem_mib")
             over = (peak - self.spec.memory_budget_mib) if peak is not None else (1.0 if record["status"] == "oom" else 0.0)
@@ -316,7 +380,8 @@ class Worker:
         elif record["status"] in ("pruned", "paused", "raced"):  # paused: a racing rung, done with this leg
             self.study.tell(trial, state=TrialState.PRUNED)
         else:
-            trial.set_user_attr("error", record.get("error"))
+            error = record.get("error")
+            trial.set_user_attr("error", error[:ERROR_CHARS] if isinstance(error, str) else error)
             self.study.tell(trial, state=TrialState.FAIL)
 
     def _finish(self, trial, record: dict) -> None:
@@ -378,12 +443,12 @@ class Worker:
         """The base model's score, once per study: the first worker's record is everyone's."""
         attr = f"base:{sr.suite.name}:{sr.base_key()}"
         with _local_lock(Path(self.spec.out)):
-            shared = self.study.user_attrs.get(attr)
+            shared = get_payload(self.study.user_attrs, attr)
             if shared is not None:
-                _put_if_changed(self.session.store, json.loads(shared))
+                _put_if_changed(self.session.store, shared)
                 return
             record = self.session.base(sr, self.progress)
-            self.study.set_user_attr(attr, json.dumps(record))
+            put_payload(self.study.set_user_attr, attr, record)
 
     def keys(self) -> dict[str, set[str]]:
         """The record keys this study's tables cover: the matrix's runs, or the search's trials."""
@@ -513,15 +578,15 @@ class Worker:
 
         store = self.session.store
         for sr in self.session.suite_runs.values():  # two machines may have scored the base at once
-            shared = self.study.user_attrs.get(f"base:{sr.suite.name}:{sr.base_key()}")
+            shared = get_payload(self.study.user_attrs, f"base:{sr.suite.name}:{sr.base_key()}")
             if shared is not None:
-                _put_if_changed(store, json.loads(shared))
+                _put_if_changed(store, shared)
         keys = self.session.keys()
         for t in self._trials((TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)):
             if "record" not in t.user_attrs or t.number in self.materialized:  # a finished trial's record is final
                 continue
             self.materialized.add(t.number)
-            record = json.loads(t.user_attrs["record"])
+            record = trial_record(t)
             if not self.spec.search and record.get("key") not in keys.get(record.get("suite"), set()):
                 continue
             mine = store.get(record["suite"], record["key"])

@@ -1,6 +1,8 @@
 """Several worker processes on one study: every run exactly once, and a killed worker's run is retried."""
 
+import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -49,16 +51,73 @@ def _check_complete(out, n_runs):
     return csv
 
 
+@pytest.fixture(scope="module")
+def one_worker(tmp_path_factory):
+    """The same matrix run by one process: what the workers' tables must equal."""
+    out = tmp_path_factory.mktemp("one-worker") / "out"
+    first = _start(out)
+    _, err = first.communicate(timeout=900)
+    assert first.returncode == 0, err[-2000:]
+    return out
+
+
 @pytest.mark.parametrize("workers", [2, 4])
-def test_local_workers_share_one_study(tmp_path, workers):
+def test_local_workers_share_one_study(tmp_path, workers, one_worker):
+    """Workers on one --out: every run once, and the tables one process writes for the same matrix
+    (every row and every computed figure; timings and memory are measured, so they differ)."""
+    from bench.reliability.tables import differences
+
     out = tmp_path / "out"
     procs = [_start(out) for _ in range(workers)]
     outputs = [p.communicate(timeout=900) for p in procs]
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-2000:]
-    tables = {(out / "results.md").read_text()}
-    csv = _check_complete(out, 4)
-    assert tables and csv
+    _check_complete(out, 4)
+    assert differences(one_worker, out, measured=False) == []
+
+
+def test_table_comparison_can_fail(tmp_path, one_worker):
+    """The comparison above sees a changed score, a missing row, a changed verdict; it ignores timings
+    only when told to, and the command line always."""
+    import shutil
+
+    from bench.reliability.tables import differences
+
+    def variant(name, edit_csv=None, edit_md=None):
+        folder = tmp_path / name
+        shutil.copytree(one_worker, folder)
+        for file, edit in (("results.csv", edit_csv), ("results.md", edit_md)):
+            if edit:
+                (folder / file).write_text(edit((folder / file).read_text()))
+        return folder
+
+    csv_lines = (one_worker / "results.csv").read_text().splitlines()
+    header = csv_lines[0].split(",")
+    score, peak = header.index("score"), header.index("peak_mem_mib")
+
+    def set_field(col, value):
+        def edit(text):
+            lines = text.splitlines()
+            row = lines[-1].split(",")
+            row[col] = value
+            return "\n".join([*lines[:-1], ",".join(row)]) + "\n"
+        return edit
+
+    assert differences(one_worker, variant("same")) == []
+    shuffled = variant("shuffled", edit_csv=lambda t: "\n".join([t.splitlines()[0], *reversed(t.splitlines()[1:])]) + "\n",
+                       edit_md=lambda t: t.replace("Command: `", "Command: `python other.py "))
+    assert differences(one_worker, shuffled) == [], "row order and the command line do not matter"
+    changed_score = variant("score", edit_csv=set_field(score, "0.123"))
+    assert differences(one_worker, changed_score, measured=False)
+    dropped_row = variant("row", edit_csv=lambda t: "\n".join(t.splitlines()[:-1]) + "\n")
+    assert differences(one_worker, dropped_row, measured=False)
+    verdict = variant("verdict", edit_md=lambda t: t.replace("not shown different", "better", 1))
+    assert "not shown different" in (one_worker / "results.md").read_text()
+    assert any(d.startswith("results.md") for d in differences(one_worker, verdict, measured=False))
+    memory = variant("memory", edit_csv=set_field(peak, "1.0"),
+                     edit_md=lambda t: re.sub(r"peak memory \d+ MiB", "peak memory 1 MiB", t))
+    assert differences(one_worker, memory, measured=False) == []
+    assert len(differences(one_worker, memory)) == 2
 
 
 def test_killed_worker_run_is_retried(tmp_path):
@@ -84,77 +143,146 @@ def test_killed_worker_run_is_retried(tmp_path):
     assert not list((out / "records").glob("*/.*.tmp"))
 
 
-def _pg_bin(name):
-    import glob
-    import shutil
+def _server(factory):
+    """A throwaway database server from bench/reliability/servers.py (what .ci/run installs); skipped, with
+    the reason, where none can start."""
+    from bench.reliability import servers
 
-    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
-    return found
+    with contextlib.ExitStack() as stack:
+        try:
+            url = stack.enter_context(factory())
+        except servers.Unavailable as exc:
+            pytest.skip(str(exc))
+        yield url
 
 
 @pytest.fixture(scope="module")
 def postgres_url():
-    """A throwaway PostgreSQL server on loopback (what .ci/run installs); skipped where none can start."""
-    import pwd
-    import socket
+    from bench.reliability import servers
 
-    pytest.importorskip("psycopg", reason="psycopg is not installed (pip install -e '.[test]')")
-    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
-    if not (initdb and pg_ctl):
-        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl) on this machine; .ci/run installs them")
-    import shutil
-    import tempfile
+    yield from _server(servers.postgres)
 
-    root = Path(tempfile.mkdtemp(prefix="bench-pg-"))  # not under pytest's 0700 folder: the server user reads it
-    as_user = []
-    if os.geteuid() == 0:  # the server refuses to run as root
-        try:
-            user = pwd.getpwnam("postgres")
-        except KeyError:
-            user = pwd.getpwnam("nobody")
-        os.chown(root, user.pw_uid, user.pw_gid)
-        as_user = ["runuser", "-u", user.pw_name, "--"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    data = root / "data"
-    run = lambda *cmd: subprocess.run([*as_user, *cmd], capture_output=True, text=True, timeout=120)  # noqa: E731
-    made = run(initdb, "-D", str(data), "-A", "trust", "-U", "bench", "--no-sync")
-    if made.returncode != 0:
-        pytest.skip(f"initdb failed: {made.stderr.strip().splitlines()[-1] if made.stderr.strip() else made.returncode}")
-    started = run(pg_ctl, "-D", str(data), "-w", "-l", str(root / "log"), "-o",
-                  f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
-    if started.returncode != 0:
-        pytest.skip(f"PostgreSQL did not start: {started.stderr.strip() or started.stdout.strip()}")
-    yield f"postgresql://bench:s3cret-pw@127.0.0.1:{port}/postgres"
-    run(pg_ctl, "-D", str(data), "-m", "immediate", "stop")
-    shutil.rmtree(root, ignore_errors=True)
+
+@pytest.fixture(scope="module")
+def mariadb_url():
+    """MariaDB, whose attribute column is TEXT (64 KiB): the limit every record used to meet."""
+    from bench.reliability import servers
+
+    yield from _server(servers.mariadb)
+
+
+def _machines(tmp_path, url, n, args):
+    """``n`` 'machines' (separate output folders) on one database study, as the README runs them."""
+    from bench.reliability.workers import run_workers
+
+    outcome = run_workers(url, tmp_path, n, args, timeout=900)
+    assert outcome.returncodes == [0] * n, outcome.errors
+    assert outcome.executed and not outcome.twice and not outcome.told_twice, "every run executed and told once"
+    assert set(outcome.per_worker) <= set(outcome.pids) and sum(outcome.per_worker.values()) == len(outcome.executed)
+    assert not outcome.missing_records and len({tuple(k) for k in outcome.record_keys}) == 1, "every record in every folder"
+    assert not outcome.table_differences, outcome.table_differences
+    assert not outcome.secrets, f"the password leaked into {outcome.secrets}"
+    return outcome
 
 
 def test_two_workers_on_postgresql(tmp_path, postgres_url):
     """Two 'machines' (separate output folders) on one PostgreSQL study: each run once, same tables."""
+    outcome = _machines(tmp_path, postgres_url, 2, SMOKE)
+    assert len(outcome.executed) == 4
+
+
+def test_two_workers_on_mysql_with_realistic_records(tmp_path, mariadb_url):
+    """MySQL keeps an attribute in a TEXT column (64 KiB), and a record with its per-item predictions is
+    larger: 1000 test items here, as a real suite has. Every record must still travel, whole."""
+    from bench.reliability.workers import TEXT_LIMIT
+    from bench.store import Store
+
+    outcome = _machines(tmp_path, mariadb_url, 2, ["--suite", "shapes", "--preset", "smoke", "--targets", "qv",
+                                                   "--test-items", "1000", "--val-items", "200"])
+    assert len(outcome.executed) == 2
+    assert outcome.largest_record > TEXT_LIMIT and outcome.largest_attr <= TEXT_LIMIT
+    for folder in ("machine-1", "machine-2"):
+        cells = [r for r in Store(tmp_path / folder).all("shapes") if r["kind"] == "cell"]
+        assert len(cells) == 2 and all(len(r["items"]) == 1000 and "prediction" in r["items"][0] for r in cells)
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("backend", ["postgres_url", "mariadb_url"])
+def test_four_workers_soak(tmp_path, backend, request):
+    """The short version of `python -m bench.reliability --only workers`: 4 workers, the raced matrix."""
+    from bench.reliability.workers import MATRIX
+
+    outcome = _machines(tmp_path, request.getfixturevalue(backend), 4, MATRIX)
+    assert len(outcome.per_worker) >= 2, "the work was shared"
+
+
+def _published_record():
+    """A published record of realistic size: 1000 test and 500 validation items with their predictions."""
+    import json
+
+    path = ROOT / "results" / "shapes-shift" / "records" / "shapes-shift" / "qk-r8-a16-frozen-s0-7031ea0e1d.json.gz"
+    record = read_record(path)
+    assert len(record["items"]) >= 1000 and "prediction" in record["items"][0]
+    assert len(json.dumps(record)) > 65536
+    return record
+
+
+def _check_payloads(storage):
+    """Records (a published one, and an incompressible one that needs several pieces) stored on a trial
+    and on the study read back equal from a new connection; no attribute over MySQL's TEXT (64 KiB); a
+    record stored whole, as before, still reads."""
+    import json
+    import random
+
     import optuna
 
-    a, b = tmp_path / "a", tmp_path / "b"
-    first = _start(a, "--storage", postgres_url)
-    deadline = time.time() + 300
-    while time.time() < deadline and first.poll() is None:
-        time.sleep(1)
-        if optuna.get_all_study_summaries(postgres_url):
-            break
-    second = _start(b, "--storage", postgres_url, "--worker")
-    outs = [p.communicate(timeout=900) for p in (first, second)]
-    for p, (out, err) in zip((first, second), outs):
-        assert p.returncode == 0, err[-2000:]
-        assert "s3cret-pw" not in out + err
-    (summary,) = optuna.get_all_study_summaries(postgres_url)
-    trials = [t for t in optuna.load_study(study_name=summary.study_name, storage=postgres_url).trials if "run" in t.user_attrs]
-    executed = [t.user_attrs["run"] for t in trials if t.user_attrs.get("executed")]
-    assert len(executed) == len(set(executed)) == 4
-    assert {t.user_attrs["worker"]["pid"] for t in trials if t.user_attrs.get("executed")} <= {first.pid, second.pid}
-    assert (a / "results.csv").read_text() == (b / "results.csv").read_text()
-    for folder in (a, b):
-        assert not any("s3cret-pw" in p.read_text(errors="ignore") for p in folder.rglob("*") if p.is_file())
+    from bench import study as study_mod
+
+    published = _published_record()
+    rng = random.Random(0)
+    noisy = {**published, "items": [{"id": f"test-{i:06d}", "prediction": "".join(rng.choices("abcdefghijklmnopqrstuvwxyz0123456789", k=60)),
+                                     "score": rng.random()} for i in range(3000)]}
+    study = optuna.create_study(study_name="payloads", storage=storage, directions=["maximize"])
+    for record in (published, noisy):
+        trial = study.ask()
+        study_mod.put_payload(trial.set_user_attr, "record", record)
+        study.tell(trial, 1.0)
+    study_mod.put_payload(study.set_user_attr, "base:shapes-shift:base-x", published)
+    old = study.ask()
+    old.set_user_attr("record", json.dumps({"key": "old", "score": 0.5}))  # an earlier version's whole record
+    study.tell(old, 0.5)
+
+    again = optuna.load_study(study_name="payloads", storage=storage)
+    trials = again.get_trials(deepcopy=False)
+    assert study_mod.trial_record(trials[0]) == published and study_mod.trial_record(trials[1]) == noisy
+    assert trials[1].user_attrs["record"]["pieces"] >= 2
+    assert study_mod.trial_record(trials[2]) == {"key": "old", "score": 0.5}
+    assert study_mod.get_payload(again.user_attrs, "base:shapes-shift:base-x") == published
+    sizes = [len(json.dumps(v).encode()) for a in (again.user_attrs, *(t.user_attrs for t in trials)) for v in a.values()]
+    assert max(sizes) < 65535
+    return trials
+
+
+def test_records_travel_in_bounded_pieces(tmp_path):
+    """On the default journal storage: the pieces round-trip, and a damaged one is one clear error."""
+    from types import SimpleNamespace
+
+    from bench import study as study_mod
+    from bench.errors import BenchError
+
+    trials = _check_payloads(study_mod.make_storage(SimpleNamespace(storage=None, out=str(tmp_path))))
+    attrs = dict(trials[1].user_attrs)
+    piece = next(k for k in attrs if k.startswith("record#") and k.endswith(":1"))
+    for broken in ({k: v for k, v in attrs.items() if k != piece}, {**attrs, piece: attrs[piece][:-4] + "AAAA"}):
+        with pytest.raises(BenchError, match="attribute 'record' cannot be read"):
+            study_mod.get_payload(broken, "record")
+
+
+def test_records_travel_through_mysql(mariadb_url):
+    """The same on a real MariaDB server, through the plain mysql:// URL the README gives."""
+    from bench.reliability.workers import storage
+
+    _check_payloads(storage(mariadb_url))
 
 
 def test_search_respects_budgets_and_constraints(tmp_path):
