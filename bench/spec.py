@@ -163,6 +163,10 @@ def from_args(args) -> Spec:
     if storage is not None and not storage.split(":", 1)[0].split("+")[0] in ("postgresql", "mysql", "sqlite"):
         raise BenchError(f"--storage must be a database URL such as postgresql://user@host/db (got {storage.split(':', 1)[0]}:...); "
                          "omit it to use a journal file in the output folder")
+    if storage is not None:
+        from bench.study import check_storage_url
+
+        check_storage_url(storage)
     from bench.study import OBJECTIVES
 
     objectives = _split(getattr(args, "objectives", None), str, "objectives") or ["score", "memory", "throughput"]
