@@ -167,6 +167,10 @@ def from_args(args) -> Spec:
         from bench.study import check_storage_url
 
         check_storage_url(storage)
+    out = Path(args.out) if args.out else DEFAULT_OUT / args.preset
+    if getattr(args, "worker", False) and storage is None and not (out / "study.journal").is_file():
+        raise BenchError(f"--worker joins a study, but {out} holds none (no study.journal); start it with the same command "
+                         "without --worker (or pass the --storage it runs on)")
     from bench.study import OBJECTIVES
 
     objectives = _split(getattr(args, "objectives", None), str, "objectives") or ["score", "memory", "throughput"]
@@ -211,7 +215,7 @@ def from_args(args) -> Spec:
         cells=tuple(cells),
         seeds=tuple(dict.fromkeys(seeds)),
         train=train,
-        out=Path(args.out) if args.out else DEFAULT_OUT / args.preset,
+        out=out,
         device=resolve_device(args.device),
         alpha_rule=args.alpha,
         data=data,

@@ -25,6 +25,7 @@ CASES = {
     "budget with ranks": (["--param-budget", "1000", "--ranks", "4"], "--param-budget derives each target set's rank"),
     "zero budget": (["--param-budget", "0"], "--param-budget must be a whole number >= 1"),
     "margin out of range": (["--equivalence-margin", "2"], "--equivalence-margin must be a number in (0, 1)"),
+    "worker without a study": (["--worker"], "--worker joins a study, but"),  # used to leave an empty study.journal
 }
 
 
