@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 # Before anything imports tqdm or the Hugging Face stack: the harness never downloads, and lm-eval's
@@ -16,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+from bench import flags
 from bench.errors import BenchError
 from bench.space import PRESETS, TARGET_SETS, VISION_POLICIES
 
@@ -33,8 +35,22 @@ EPILOG = """examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors as the harness's others: one line, ``error: <problem>; <fix>``, exit status 2
+    (argparse prints its usage block first and names flags as ``argument --flag:``)."""
+
+    def error(self, message: str):
+        named = re.match(r"argument (-[\w-]+)(?:/-[\w-]+)*: (.*)", message, re.S)
+        if named:
+            message = f"{named.group(1)} {named.group(2)}"
+        message = " ".join(message.split())
+        if "e.g." not in message:
+            message += f"; see {self.prog} --help"
+        self.exit(2, f"error: {message}\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="run_bench.py",
         description="LoRA ablation benchmark for vision-language models: target sets x ranks x vision policies.",
         epilog=EPILOG,
@@ -44,52 +60,52 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="default", help=f"one of {', '.join(PRESETS)} (default: default)")
     p.add_argument("--model", default="tiny-minicpmv", help="built-in model name or local checkpoint folder")
     p.add_argument("--targets", help=f"LoRA target sets: {', '.join(TARGET_SETS)}")
-    p.add_argument("--ranks", help="LoRA ranks, e.g. 4,16")
-    p.add_argument("--alpha", default="2r", help="alpha rule: 2r (alpha=2*rank, default), r, or a number")
+    p.add_argument("--ranks", type=flags.ranks, help="LoRA ranks, e.g. 4,16")
+    p.add_argument("--alpha", default="2r", type=flags.alpha_rule, help="alpha rule: 2r (alpha=2*rank, default), r, or a number")
     p.add_argument("--vision", help=f"vision policies: {', '.join(VISION_POLICIES)}")
-    p.add_argument("--seeds", help="seeds, e.g. 0,1,2")
-    p.add_argument("--steps", type=int, help="optimizer steps per run (same for every cell)")
-    p.add_argument("--batch-size", type=int, help="training batch size")
-    p.add_argument("--lr", type=float, help="LoRA learning rate (one rate; the fully trained parts keep their ratio to it)")
-    p.add_argument("--lrs", help="LoRA learning rates every cell runs at, e.g. 1e-3,3e-3,1e-2; each cell is reported at its "
+    p.add_argument("--seeds", type=flags.seeds, help="seeds, e.g. 0,1,2")
+    p.add_argument("--steps", type=flags.count(1, "200"), help="optimizer steps per run (same for every cell)")
+    p.add_argument("--batch-size", type=flags.count(1, "8"), help="training batch size")
+    p.add_argument("--lr", type=flags.positive("1e-3"), help="LoRA learning rate (one rate; the fully trained parts keep their ratio to it)")
+    p.add_argument("--lrs", type=flags.rates, help="LoRA learning rates every cell runs at, e.g. 1e-3,3e-3,1e-2; each cell is reported at its "
                    "best rate on the validation split (the fully trained parts' rates scale alike)")
-    p.add_argument("--lr-connector", type=float, help="learning rate of the connector when trained fully, at --lr (default: 0.3 x --lr)")
-    p.add_argument("--lr-vision", type=float, help="learning rate of the vision encoder when trained fully, at --lr (default: 0.1 x --lr)")
-    p.add_argument("--lora-dropout", type=float, help="LoRA dropout")
+    p.add_argument("--lr-connector", type=flags.positive("3e-4"), help="learning rate of the connector when trained fully, at --lr (default: 0.3 x --lr)")
+    p.add_argument("--lr-vision", type=flags.positive("1e-4"), help="learning rate of the vision encoder when trained fully, at --lr (default: 0.1 x --lr)")
+    p.add_argument("--lora-dropout", type=flags.fraction(low_open=False, high_open=True, example="0.05"), help="LoRA dropout")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass: same numbers, less memory")
-    p.add_argument("--train-items", type=int, help="training items per suite (generated suites)")
-    p.add_argument("--test-items", type=int, help="test items per suite (generated suites)")
-    p.add_argument("--val-items", type=int, help="validation items per suite, carved from the training pool (generated suites)")
-    p.add_argument("--param-budget", type=int, help="LLM LoRA parameters per cell: each target set gets the rank that "
+    p.add_argument("--train-items", type=flags.count(1, "1000"), help="training items per suite (generated suites)")
+    p.add_argument("--test-items", type=flags.count(1, "500"), help="test items per suite (generated suites)")
+    p.add_argument("--val-items", type=flags.count(1, "200"), help="validation items per suite, carved from the training pool (generated suites)")
+    p.add_argument("--param-budget", type=flags.count(1, "20000"), help="LLM LoRA parameters per cell: each target set gets the rank that "
                    "matches it (the LoRA paper's fixed-budget comparison); replaces --ranks")
     p.add_argument("--protocol", help="race (default): rates raced at half the steps, more seeds only for cells that "
                    "could still be the best (bench/race.py); exhaustive: every cell x rate x seed to the end")
-    p.add_argument("--equivalence-margin", type=float, help="differences within +-this (score units) count as equivalent "
+    p.add_argument("--equivalence-margin", type=flags.fraction(low_open=True, high_open=True, example="0.01"), help="differences within +-this (score units) count as equivalent "
                    "when a 90%% interval shows it (TOST; default 0.01)")
     p.add_argument("--data", help="a real dataset (file or folder: TextVQA/DocVQA/ChartQA JSON, or parquet shards) instead of the suite's generator")
-    p.add_argument("--limit", type=int, help="at most N items per split (train and test)")
+    p.add_argument("--limit", type=flags.count(1, "2000"), help="at most N items per split (train and test)")
     p.add_argument("--out", help="results folder (default: results/runs/<preset>, git-ignored)")
     p.add_argument("--storage", help="Optuna storage URL shared by workers on several machines, e.g. postgresql://user@host/db "
                    "(default: a journal file in --out, shared by processes on this machine)")
     p.add_argument("--worker", action="store_true", help="join the study of this matrix in --storage (started elsewhere) and run its trials")
     p.add_argument("--objectives", help="study objectives, comma-separated from score, memory, throughput (default: all three)")
     p.add_argument("--search", help="optuna: let a sampler propose cells (plus lr, LoRA alpha and dropout) instead of running the matrix")
-    p.add_argument("--trials", type=int, help="--search: number of trials (default 20)")
-    p.add_argument("--memory-budget", help="--search: peak-memory constraint, e.g. 16GiB (infeasible trials are never recommended)")
-    p.add_argument("--step-budget", type=int, help="--search: stop proposing trials once this many training steps are spent (pruned trials cost less)")
+    p.add_argument("--trials", type=flags.count(1, "20"), help="--search: number of trials (default 20)")
+    p.add_argument("--memory-budget", type=flags.memory, help="--search: peak-memory constraint, e.g. 16GiB (infeasible trials are never recommended)")
+    p.add_argument("--step-budget", type=flags.count(1, "2000"), help="--search: stop proposing trials once this many training steps are spent (pruned trials cost less)")
     p.add_argument("--pruner", help="--search with --objectives score: median (default), hyperband or none")
-    p.add_argument("--sampler-seed", type=int, help="--search: seed of the TPE sampler (default 0)")
+    p.add_argument("--sampler-seed", type=flags.seed, help="--search: seed of the TPE sampler (default 0)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code shipped inside a checkpoint folder (MiniCPM-V)")
     p.add_argument("--save-adapters", help="best (default: the best run per suite), all or none: PEFT folders under <out>/adapters/")
     p.add_argument("--similarity", action="store_true", help="report how far --data's images are from the model's pretraining and from every suite, then exit")
     p.add_argument("--recommend", action="store_true", help="recommend targets, rank and vision policy for --data from benchmark records (--results), then exit")
     p.add_argument("--reference", help="--similarity/--recommend: a folder of images like the model's pretraining data (built in for the embedded model)")
-    p.add_argument("--samples", type=int, default=500, help="--similarity/--recommend: images sampled per set (default 500)")
+    p.add_argument("--samples", type=flags.count(10, "500"), default=500, help="--similarity/--recommend: images sampled per set (default 500)")
     p.add_argument("--results", nargs="+", help="--recommend: results folders holding records (default: results)")
-    p.add_argument("--min-throughput", type=float, help="--recommend: only configurations that trained at least this many samples/s")
+    p.add_argument("--min-throughput", type=flags.positive("2"), help="--recommend: only configurations that trained at least this many samples/s")
     p.add_argument("--estimate-for", help="--recommend: a model (checkpoint folder or built-in name) to estimate each configuration's "
                    "peak training memory on, at --batch-size (default 8) x --seq-len; --memory-budget then applies to the estimates")
-    p.add_argument("--seq-len", type=int, help="--recommend --estimate-for: tokens per training sequence, image tokens included (default 1024)")
+    p.add_argument("--seq-len", type=flags.count(1, "1024"), help="--recommend --estimate-for: tokens per training sequence, image tokens included (default 1024)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--list", action="store_true", help="list suites, presets, target sets and vision policies, then exit")
     return p

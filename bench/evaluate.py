@@ -127,10 +127,11 @@ class HarnessLM(LM):
 
 
 def _open(image) -> Image.Image:
+    from bench.images import open_rgb, to_rgb
+
     if isinstance(image, Image.Image):
-        return image
-    with Image.open(image) as im:
-        return im.convert("RGB")
+        return to_rgb(image)
+    return open_rgb(image)
 
 
 def _cut(text: str, until: list[str]) -> str:

@@ -12,7 +12,8 @@ import hashlib
 import io
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,8 @@ import torch
 from PIL import Image
 
 from bench.errors import BenchError
+from bench.images import check as check_image
+from bench.images import open_rgb
 from bench.loaders import IMAGE_SUFFIXES
 from bench.store import atomic_write_bytes
 from bench.suite_data import cache_root, content_digest, read_split
@@ -33,7 +36,7 @@ class ImageSet:
     name: str
     origin: str  # where the images came from, for the reports
     key: str  # identifies the sampled content (with the model's fingerprint, the cache key)
-    load: Callable[[], list[Image.Image]]
+    load: Callable[[], Iterable[Image.Image]]  # the images in RGB, decoded one at a time (embed takes a batch at a time)
 
 
 def _sample(items: list, n: int, seed: int) -> list:
@@ -44,24 +47,23 @@ def _image_files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
 
 
-def _open_all(paths: list[Path], where: str) -> list[Image.Image]:
-    images = []
+def _open_each(paths: list[Path], where: str) -> Iterator[Image.Image]:
+    """The files as RGB, one at a time (bench/images.py): a damaged, truncated or oversized file ends
+    the set with a one-line error naming it, never a silent gap in the sample."""
     for path in paths:
-        try:
-            with Image.open(path) as im:
-                images.append(im.convert("RGB"))
-        except Exception:  # noqa: BLE001 - an undecodable file is skipped; none readable is an error
-            continue
-    if not images:
-        raise BenchError(f"{where}: none of its {len(paths)} image files could be read; point --data at a folder of images (png/jpg)")
-    return images
+        yield open_rgb(path, where)
 
 
-def from_paths(name: str, origin: str, paths: list[Path], n: int, seed: int) -> ImageSet:
+def from_paths(name: str, origin: str, paths: list[Path], n: int, seed: int, check: str | None = None) -> ImageSet:
+    """``check``: decode every sampled file now, errors prefixed with it (the user's own folders are
+    refused before the model loads)."""
     chosen = _sample(sorted(paths), n, seed)
+    if check:
+        for path in chosen:
+            check_image(path, check)
     stamp = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in chosen]
     key = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:20]
-    return ImageSet(name, f"{origin}; {len(chosen)} of {len(paths)} images", key, lambda: _open_all(chosen, name))
+    return ImageSet(name, f"{origin}; {len(chosen)} of {len(paths)} images", key, lambda: _open_each(chosen, name))
 
 
 def from_prepared(name: str, folder: Path, n: int, seed: int, split: str = "test") -> ImageSet:
@@ -71,7 +73,7 @@ def from_prepared(name: str, folder: Path, n: int, seed: int, split: str = "test
     chosen = _sample(images, n, seed)
     key = f"{content_digest(folder)}-{split}-{n}-{seed}"
     origin = f"{folder.name} {split} split; {len(chosen)} of {len(images)} images"
-    return ImageSet(name, origin, key, lambda: _open_all([Path(p) for p in chosen], name))
+    return ImageSet(name, origin, key, lambda: _open_each([Path(p) for p in chosen], name))
 
 
 def from_images(name: str, origin: str, images: list[Image.Image]) -> ImageSet:
@@ -110,7 +112,7 @@ def resolve(text: str, n: int, seed: int = 0) -> ImageSet:
     if path.is_dir():
         paths = _image_files(path)
         if paths:
-            return from_paths(path.name, str(path), paths, n, seed)
+            return from_paths(path.name, str(path), paths, n, seed, check=f"--data {text}")
     if not loaders.parquet_files(path):
         raise BenchError(f"--data {text} holds no images (png/jpg/webp/...) and no parquet shards; point it at a folder of images")
     folder = loaders.prepare("data", path, (), None, cache_root())
@@ -124,7 +126,7 @@ def reference_images(adapter, reference: str | None, n: int, seed: int = 0) -> I
         paths = _image_files(path) if path.is_dir() else []
         if not paths:
             raise BenchError(f"--reference {reference} is not a folder of images; pass images representative of the model's pretraining")
-        return from_paths("pretraining", f"--reference {path}", paths, n, seed)
+        return from_paths("pretraining", f"--reference {path}", paths, n, seed, check=f"--reference {reference}")
     images = adapter.pretraining_reference(n, seed)
     if images is None:
         return None
@@ -143,11 +145,11 @@ def embed(adapter, image_set: ImageSet, batch_size: int = 64) -> dict[str, np.nd
     if path.is_file():
         with np.load(path) as cached:
             return {k: cached[k] for k in cached.files}
-    images = image_set.load()
+    images = iter(image_set.load())
     device = next(adapter.model.parameters()).device
     chunks: dict[str, list[np.ndarray]] = {}
-    for start in range(0, len(images), batch_size):
-        arrays = [adapter.image_array(im) for im in images[start : start + batch_size]]
+    while batch := list(islice(images, batch_size)):  # one batch of decoded images in memory at a time
+        arrays = [adapter.image_array(im) for im in batch]
         feats = adapter.vision_features(arrays, device)
         for layer, x in feats.items():
             chunks.setdefault(layer, []).append(torch.nn.functional.normalize(x.float(), dim=-1).cpu().numpy())

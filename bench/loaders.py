@@ -2,9 +2,10 @@
 
 The result is the same layout the offline generators produce (``train.jsonl`` / ``test.jsonl`` with
 image paths + ``COMPLETE``), so training, lm-eval and the records never know where data came from.
-Image files are referenced in place, never copied or decoded into memory; images stored inside
-parquet shards are streamed to files one batch at a time. Each image is opened and verified once
-here, so a broken file is reported with its row before any run starts.
+Image files are referenced in place, never copied or kept in memory; images stored inside
+parquet shards are streamed to files one batch at a time. Each image is decoded once here, within the
+pixel limit of bench/images.py, so a broken, truncated or oversized file is reported with its row
+before any run starts.
 
 Formats (detected from the files, whatever their names):
 
@@ -339,13 +340,11 @@ def _limited(rows: list[Row], limit: int | None) -> list[Row]:
 
 
 def _verify(path: Path, where: str) -> None:
-    from PIL import Image, UnidentifiedImageError
+    """Decoded in full once, within the pixel limit (bench/images.py): a truncated file or a
+    decompression bomb is refused here, with its row, before any run starts."""
+    from bench import images
 
-    try:
-        with Image.open(path) as im:
-            im.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise BenchError(f"{where}: image {path} is unreadable ({str(exc).splitlines()[0] or type(exc).__name__}); replace or remove the file") from None
+    images.check(path, where)
 
 
 def _hash_file(path: Path, content) -> None:

@@ -402,13 +402,27 @@ def frame_table(frame: pd.DataFrame, title: str) -> Table:
     return table
 
 
+def command_line(argv: list[str], storage: str | None = None) -> str:
+    """The command as results.md shows it: every URL argument (``--storage URL``, ``--storage=URL``, an
+    abbreviated flag) without its password or credential query parameters."""
+    from bench.study import redact, redact_text
+
+    shown = []
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        if eq and flag.startswith("--") and "://" in value:
+            arg = f"{flag}={redact(value)}"
+        elif "://" in arg:
+            arg = redact(arg)
+        shown.append(arg)
+    return redact_text("python run_bench.py " + " ".join(shlex.quote(a) for a in shown), storage)
+
+
 def write_all(records: list[dict], spec, console: Console, study=None) -> None:
     out = spec.out
-    from bench.study import redact
-
     margin = getattr(spec, "margin", MARGIN)
     judged = verdicts.judge(records, margin)
-    command = redact("python run_bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])) if sys.argv else ""
+    command = command_line(sys.argv[1:], getattr(spec, "storage", None)) if sys.argv else ""
     settings = {"steps": spec.train.steps, "batch_size": spec.train.batch_size,
                 "lrs": ",".join(f"{t.lr:g}" for t in spec.settings) if hasattr(spec, "settings") else spec.train.lr,
                 "lr_connector/lr": f"{spec.train.lr_connector / spec.train.lr:g}", "lr_vision/lr": f"{spec.train.lr_vision / spec.train.lr:g}",

@@ -17,7 +17,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -25,6 +24,7 @@ from bench import adapters, machine, report
 from bench import suites as suite_registry
 from bench.errors import BenchError
 from bench.evaluate import evaluate, generation_budget
+from bench.images import open_rgb
 from bench.memory_model import train_state
 from bench.models import get_adapter
 from bench.parallel import Group
@@ -102,8 +102,7 @@ def encode_split(adapter, suite, data_dir: Path, split: str):
         if adapter.keeps_paths:
             image = row.image
         else:
-            with Image.open(row.image) as im:
-                image = im.convert("RGB")
+            image = open_rgb(row.image)
         examples.append(adapter.example(suite.prompt(row.question), image, row.answers[0]))
     return examples
 

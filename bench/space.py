@@ -7,6 +7,7 @@ named LLM roles, resolved to module names per model family by its :class:`~bench
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import asdict, dataclass, replace
 
 from bench.errors import BenchError
@@ -160,8 +161,8 @@ def alpha_for(rank: int, rule: str) -> float:
             value = float(rule)
     except ValueError:
         raise BenchError(f"alpha rule {rule!r} is not understood; use e.g. 2r (alpha = 2*rank), r, or 16") from None
-    if value <= 0:
-        raise BenchError(f"alpha rule {rule!r} gives alpha {value:g}; alpha must be positive")
+    if not (math.isfinite(value) and value > 0):
+        raise BenchError(f"alpha rule {rule!r} gives alpha {value:g}; alpha must be a finite positive number, e.g. 2r (alpha = 2*rank) or 16")
     return value
 
 

@@ -7,6 +7,7 @@ one-line message and an untouched results folder.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 
 from bench import suites as suite_registry
 from bench.errors import BenchError
+from bench.flags import SEED_MAX, memory_mib
 from bench.space import PRESETS, Cell, TrainSettings, build_cells
 
 DEFAULT_OUT = Path("results") / "runs"
@@ -102,6 +104,9 @@ def from_args(args) -> Spec:
     ranks = _split(args.ranks, int, "ranks") or list(preset.ranks)
     vision = _split(args.vision, str, "vision") or list(preset.vision)
     seeds = _split(args.seeds, int, "seeds") or list(preset.seeds)
+    for s in seeds:
+        if not 0 <= s <= SEED_MAX:
+            raise BenchError(f"--seeds {s} is out of range: seeds must be whole numbers in [0, {SEED_MAX}]; e.g. --seeds {_EXAMPLES['seeds']}")
     param_budget = getattr(args, "param_budget", None)
     if param_budget is not None:
         if args.ranks:
@@ -113,8 +118,8 @@ def from_args(args) -> Spec:
     train = preset.train
     for flag in ("lr", "lr_connector", "lr_vision"):
         value = getattr(args, flag, None)
-        if value is not None and not value > 0:
-            raise BenchError(f"--{flag.replace('_', '-')} must be positive (got {value})")
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise BenchError(f"--{flag.replace('_', '-')} must be a finite number > 0 (got {value})")
     if args.lr is not None:
         train = train.at(args.lr)  # the fully trained parts keep the preset's ratio unless given
     for flag in ("lr_connector", "lr_vision"):
@@ -122,8 +127,8 @@ def from_args(args) -> Spec:
             train = dataclasses.replace(train, **{flag: getattr(args, flag)})
     lrs = _split(getattr(args, "lrs", None), float, "lrs") or ([args.lr] if args.lr is not None else list(preset.lrs))
     for lr in lrs:
-        if not lr > 0:
-            raise BenchError(f"--lrs has a rate that is not positive ({lr:g}); e.g. --lrs {_EXAMPLES['lrs']}")
+        if not (math.isfinite(lr) and lr > 0):
+            raise BenchError(f"--lrs has a rate that is not positive ({lr:g}): rates must be finite numbers > 0; e.g. --lrs {_EXAMPLES['lrs']}")
     overrides = {
         "steps": args.steps,
         "batch_size": args.batch_size,
@@ -158,6 +163,14 @@ def from_args(args) -> Spec:
     if storage is not None and not storage.split(":", 1)[0].split("+")[0] in ("postgresql", "mysql", "sqlite"):
         raise BenchError(f"--storage must be a database URL such as postgresql://user@host/db (got {storage.split(':', 1)[0]}:...); "
                          "omit it to use a journal file in the output folder")
+    if storage is not None:
+        from bench.study import check_storage_url
+
+        check_storage_url(storage)
+    out = Path(args.out) if args.out else DEFAULT_OUT / args.preset
+    if getattr(args, "worker", False) and storage is None and not (out / "study.journal").is_file():
+        raise BenchError(f"--worker joins a study, but {out} holds none (no study.journal); start it with the same command "
+                         "without --worker (or pass the --storage it runs on)")
     from bench.study import OBJECTIVES
 
     objectives = _split(getattr(args, "objectives", None), str, "objectives") or ["score", "memory", "throughput"]
@@ -169,9 +182,10 @@ def from_args(args) -> Spec:
         raise BenchError(f"--search {search!r} is not a search method; use --search optuna")
     if search and len(suite_names) != 1:
         raise BenchError(f"--search optimises one suite, but --suite names {len(suite_names)}; run one search per suite")
-    trials = getattr(args, "trials", None) or 20
+    trials = getattr(args, "trials", None)
+    trials = 20 if trials is None else trials  # not `or 20`: that read --trials 0 as "not given" and ran 20
     if trials <= 0:
-        raise BenchError(f"--trials must be positive (got {trials})")
+        raise BenchError(f"--trials must be a whole number >= 1 (got {trials}); e.g. --trials 20")
     pruner = getattr(args, "pruner", None) or "median"
     if pruner not in ("median", "hyperband", "none"):
         raise BenchError(f"--pruner {pruner!r} is unknown; choose median, hyperband or none")
@@ -182,7 +196,11 @@ def from_args(args) -> Spec:
     save_adapters = getattr(args, "save_adapters", None) or "best"
     if save_adapters not in MODES:
         raise BenchError(f"--save-adapters {save_adapters!r} is unknown; choose {', '.join(MODES)}")
-    budget = parse_memory(args.memory_budget) if getattr(args, "memory_budget", None) else None
+    budget = parse_memory(args.memory_budget) if getattr(args, "memory_budget", None) is not None else None
+    sampler_seed = getattr(args, "sampler_seed", None)
+    sampler_seed = 0 if sampler_seed is None else sampler_seed
+    if not 0 <= sampler_seed <= SEED_MAX:
+        raise BenchError(f"--sampler-seed must be a whole number in [0, {SEED_MAX}] (got {sampler_seed}); e.g. 0")
     protocol = getattr(args, "protocol", None) or "race"
     if protocol not in ("race", "exhaustive"):
         raise BenchError(f"--protocol {protocol!r} is unknown; choose race (default) or exhaustive")
@@ -197,7 +215,7 @@ def from_args(args) -> Spec:
         cells=tuple(cells),
         seeds=tuple(dict.fromkeys(seeds)),
         train=train,
-        out=Path(args.out) if args.out else DEFAULT_OUT / args.preset,
+        out=out,
         device=resolve_device(args.device),
         alpha_rule=args.alpha,
         data=data,
@@ -208,7 +226,7 @@ def from_args(args) -> Spec:
         search=search,
         trials=trials,
         memory_budget_mib=budget,
-        sampler_seed=getattr(args, "sampler_seed", None) or 0,
+        sampler_seed=sampler_seed,
         pruner=pruner,
         step_budget=getattr(args, "step_budget", None),
         save_adapters=save_adapters,
@@ -220,16 +238,9 @@ def from_args(args) -> Spec:
     )
 
 
-_UNITS = {"b": 1 / 2**20, "kib": 1 / 1024, "mib": 1, "gib": 1024, "tib": 1024**2,
-          "kb": 1e3 / 2**20, "mb": 1e6 / 2**20, "gb": 1e9 / 2**20, "tb": 1e12 / 2**20}
-
-
 def parse_memory(text: str) -> float:
     """``16GiB``, ``512MiB``, ``1.5GB`` -> MiB."""
-    import re
-
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    unit = match.group(2).lower() if match else ""
-    if not match or unit not in _UNITS or float(match.group(1)) <= 0:
-        raise BenchError(f"--memory-budget {text!r} is not a memory size; write e.g. 16GiB, 512MiB or 1.5GB")
-    return float(match.group(1)) * _UNITS[unit]
+    mib = memory_mib(text)
+    if mib is None:
+        raise BenchError(f"--memory-budget {text!r} is not a memory size > 0; write e.g. 16GiB, 512MiB or 1.5GB")
+    return mib

@@ -29,6 +29,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
+from urllib.parse import unquote
 
 from bench.errors import BenchError
 from bench.store import digest
@@ -41,9 +42,91 @@ SEARCH_CURVE = (0.25, 0.5, 0.75)  # validation checkpoints of a search trial: th
 HOST = socket.gethostname()
 
 
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://)(.*)", re.S)
+_SECRET_KEY = re.compile(r"pass|pwd|secret|token|key", re.I)  # query parameters that hold credentials
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"`]+")
+
+
+def _password_spans(rest: str) -> list[tuple[int, int] | None]:
+    """Where the password sits in ``rest`` (a URL after ``scheme://``), read three ways: SQLAlchemy's
+    (``user:password@``, no ``@`` in the password: what the server is sent), urllib's (the authority
+    ends at the first ``/``, ``?`` or ``#``, its user info at its last ``@``), and up to the last ``@``
+    before the query (a raw ``@`` or ``/`` typed inside a password). A well-formed URL reads the same
+    all three ways."""
+    match = re.match(r"[^:/]*:([^@]*)@", rest)
+    views = [match.span(1) if match else None]
+    for end in (min([i for i in (rest.find(c) for c in "/?#") if i != -1], default=len(rest)),
+                rest.find("?") if "?" in rest else len(rest)):
+        at = rest.rfind("@", 0, end)
+        colon = rest.find(":", 0, at) if at != -1 else -1
+        views.append((colon + 1, at) if colon != -1 else None)
+    return views
+
+
 def redact(url: str) -> str:
-    """A storage URL without its password, for messages and reports."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+    """A storage URL without its secrets, for messages and reports: the password (however a parser
+    reads it: a raw ``@`` or ``/`` inside it included) and query parameters such as ``?password=``,
+    ``?passwd=``, ``?sslpassword=``. Anything that is not a URL comes back unchanged."""
+    match = _SCHEME.match(url)
+    if not match:
+        return url
+    head, rest = match.groups()
+    spans = [s for s in _password_spans(rest) if s is not None]
+    if spans:
+        start, end = min(s[0] for s in spans), max(s[1] for s in spans)
+        rest = rest[:start] + "***" + rest[end:]
+    if "?" in rest:
+        path, query = rest.split("?", 1)
+        fragment = ""
+        if "#" in query:
+            query, fragment = query.split("#", 1)
+            fragment = "#" + fragment
+        pairs = [(p.split("=", 1)[0] + "=***") if "=" in p and _SECRET_KEY.search(unquote(p.split("=", 1)[0])) else p
+                 for p in query.split("&")]
+        rest = f"{path}?{'&'.join(pairs)}{fragment}"
+    return head + rest
+
+
+def secrets_of(url: str) -> list[str]:
+    """The URL's secrets as they may be echoed back (raw and percent-decoded), longest first."""
+    match = _SCHEME.match(url or "")
+    if not match:
+        return []
+    rest = match.group(2)
+    found = {rest[a:b] for a, b in (s for s in _password_spans(rest) if s is not None)}
+    query = rest.split("?", 1)[1] if "?" in rest else ""
+    found |= {p.split("=", 1)[1] for p in query.split("#")[0].split("&") if "=" in p and _SECRET_KEY.search(unquote(p.split("=", 1)[0]))}
+    found |= {unquote(s) for s in found}
+    found |= {piece for s in found for piece in re.split(r"[@/?#]", s)}  # a part read as a host or a path
+    return sorted((s for s in found if s), key=len, reverse=True)
+
+
+def redact_text(text: str, url: str | None = None) -> str:
+    """Free text (an exception, a command line) with every URL in it redacted, and ``url``'s secrets
+    removed wherever they appear on their own (a driver may echo a decoded password or a mis-read host).
+    Secrets shorter than 4 characters are only hidden inside URLs: replacing them everywhere would
+    garble the message."""
+    if url:
+        text = text.replace(url, redact(url))
+    text = _URL_IN_TEXT.sub(lambda m: redact(m.group(0)), text)
+    for secret in secrets_of(url or ""):
+        if len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
+
+
+def check_storage_url(url: str) -> None:
+    """Refuse a URL whose password would be read differently by SQLAlchemy than it reads: a raw
+    ``@``, ``/``, ``?`` or ``#`` in it (``user:p@ss@host`` connects to host ``ss@host`` with password
+    ``p``, and the server's error then prints that host). Percent-encoding fixes it. (A URL with an ``@``
+    after its host, in a database name, is refused too: such names are not worth the ambiguity.)"""
+    match = _SCHEME.match(url)
+    if not match:
+        return
+    if len(set(_password_spans(match.group(2)))) > 1:
+        raise BenchError(f"--storage {redact(url)}: its password holds a character that URLs reserve (@ / ? #); "
+                         "percent-encode it (@ as %40, / as %2F, ? as %3F, # as %23), e.g. "
+                         "python -c \"import urllib.parse; print(urllib.parse.quote(input(), safe=''))\"")
 
 
 PIECE = 32768  # characters of base64 per attribute: Optuna stores it JSON-quoted, MySQL's TEXT holds 65,535 bytes
@@ -117,7 +200,7 @@ def make_storage(spec):
     try:
         return optuna.storages.RDBStorage(_storage_url(spec.storage), engine_kwargs={"pool_pre_ping": True})
     except Exception as exc:  # sqlalchemy raises many types; none should print the URL's password
-        reason = redact(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__
+        reason = redact_text(str(exc).splitlines()[0], spec.storage) if str(exc).strip() else type(exc).__name__
         raise BenchError(f"cannot open --storage {redact(spec.storage)} ({reason}); check the URL, the server and the driver (pip install 'psycopg[binary]' or pymysql)") from None
 
 

@@ -13,18 +13,19 @@ CASES = {
     "unknown model": (["--model", "gpt-17"], "unknown model 'gpt-17'"),
     "unknown target set": (["--targets", "qz"], "unknown target set 'qz'"),
     "unknown vision policy": (["--vision", "vit"], "unknown vision policy 'vit'"),
-    "rank zero": (["--ranks", "0"], "rank 0 is not positive"),
-    "rank not a number": (["--ranks", "four"], "--ranks 'four' has a value that is not a int"),
+    "rank zero": (["--ranks", "0"], "--ranks has '0': each value must be a whole number >= 1"),
+    "rank not a number": (["--ranks", "four"], "--ranks has 'four'"),
     "empty factor": (["--targets", ","], "--targets is empty"),
     "unknown preset": (["--preset", "huge"], "unknown preset 'huge'"),
     "cuda without gpu": (["--device", "cuda"], "no CUDA GPU is available"),
-    "negative steps": (["--steps", "-1"], "--steps must be positive"),
-    "rate not a number": (["--lrs", "1e-3,fast"], "--lrs '1e-3,fast' has a value that is not a float"),
-    "negative rate": (["--lrs", "1e-3,-1e-2"], "--lrs has a rate that is not positive"),
-    "zero connector rate": (["--lr-connector", "0"], "--lr-connector must be positive"),
+    "negative steps": (["--steps", "-1"], "--steps must be a whole number >= 1"),
+    "rate not a number": (["--lrs", "1e-3,fast"], "--lrs has 'fast'"),
+    "negative rate": (["--lrs", "1e-3,-1e-2"], "--lrs has '-1e-2': each value must be a finite number > 0"),
+    "zero connector rate": (["--lr-connector", "0"], "--lr-connector must be a finite number > 0"),
     "budget with ranks": (["--param-budget", "1000", "--ranks", "4"], "--param-budget derives each target set's rank"),
-    "zero budget": (["--param-budget", "0"], "--param-budget must be a positive number"),
-    "margin out of range": (["--equivalence-margin", "2"], "--equivalence-margin must be in (0, 1)"),
+    "zero budget": (["--param-budget", "0"], "--param-budget must be a whole number >= 1"),
+    "margin out of range": (["--equivalence-margin", "2"], "--equivalence-margin must be a number in (0, 1)"),
+    "worker without a study": (["--worker"], "--worker joins a study, but"),  # used to leave an empty study.journal
 }
 
 

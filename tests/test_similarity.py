@@ -138,7 +138,7 @@ def test_similarity_cli_writes_tables(tmp_path):
 @pytest.mark.parametrize("setup, message", [
     (lambda p: None, "neither a suite"),
     (lambda p: p.mkdir(), "holds no images"),
-    (lambda p: (p.mkdir(), (p / "a.png").write_bytes(b"not a png")), "could be read"),
+    (lambda p: (p.mkdir(), (p / "a.png").write_bytes(b"not a png")), "a.png is unreadable"),
 ])
 def test_bad_data_is_one_line(tmp_path, capsys, setup, message):
     """In process (the same main() the script calls; the subprocess path is covered above)."""

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from bench.errors import BenchError
+from bench.images import open_rgb, to_rgb
 from bench.models.adapter import RoleMap, VLMAdapter
 
 ATTENTION = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"}
@@ -199,7 +200,7 @@ class HFAdapter(VLMAdapter):
         return Item(self.encode_prompt(prompt), self.continuation(prompt, answer), image)
 
     def image_array(self, image: Image.Image) -> np.ndarray:
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        return np.asarray(to_rgb(image), dtype=np.uint8)
 
     # ---------------------------------------------------------------- batches
     def _images(self, images: list) -> list:
@@ -208,9 +209,8 @@ class HFAdapter(VLMAdapter):
             if isinstance(im, np.ndarray):
                 im = Image.fromarray(im)
             elif not isinstance(im, Image.Image):
-                with Image.open(im) as f:
-                    im = f.convert("RGB")
-            opened.append(im.convert("RGB"))
+                im = open_rgb(im)
+            opened.append(to_rgb(im))
         return [[im] for im in opened] if self.spec.nested_images else opened
 
     def _specials(self) -> dict:

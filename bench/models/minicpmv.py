@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from bench.errors import BenchError
+from bench.images import open_rgb, to_rgb
 from bench.models import minicpmv_compat as compat
 from bench.models.adapter import VLMAdapter
 from bench.models.minicpmv_slices import SliceGeometry, Slices, patch_tensor, slice_image
@@ -211,7 +212,7 @@ class OpenBMBAdapter(VLMAdapter):
         return len(self.tokenizer.encode(answer, add_special_tokens=False)) + 1  # and <|im_end|>
 
     def image_array(self, image: Image.Image) -> np.ndarray:
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        return np.asarray(to_rgb(image), dtype=np.uint8)
 
     def placeholder(self, slices: Slices) -> str:
         m, unk = self.marks, self.marks["unk"] * self.query_num
@@ -264,9 +265,8 @@ class OpenBMBAdapter(VLMAdapter):
         if isinstance(image, np.ndarray):
             return Image.fromarray(image)
         if isinstance(image, Image.Image):
-            return image.convert("RGB")
-        with Image.open(image) as im:
-            return im.convert("RGB")
+            return to_rgb(image)
+        return open_rgb(image)
 
     def slices(self, image) -> Slices:
         return slice_image(self._open(image), self.geometry)

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench.images import to_rgb
+
 
 @dataclass(frozen=True)
 class SliceGeometry:
@@ -77,7 +79,7 @@ def best_grid(size: tuple[int, int], geo: SliceGeometry) -> tuple[int, int] | No
 
 
 def slice_image(image: Image.Image, geo: SliceGeometry) -> Slices:
-    image = image.convert("RGB")
+    image = to_rgb(image)
     grid = best_grid(image.size, geo)
     if grid is None:
         return Slices([image.resize(_fit(image.size, geo, upscale=True), Image.Resampling.BICUBIC)], None)

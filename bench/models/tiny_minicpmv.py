@@ -26,6 +26,7 @@ from transformers import (
 )
 
 from bench.errors import BenchError
+from bench.images import to_rgb
 from bench.models.adapter import RoleMap, VLMAdapter
 
 IMAGE_START, IMAGE_END, IMAGE_PAD = "<image>", "</image>", "<unk>"
@@ -341,7 +342,7 @@ class TinyMiniCPMVAdapter(VLMAdapter):
         return self.tokenizer.encode(answer, add_special_tokens=False) + [self.tokenizer.eos_token_id]
 
     def image_array(self, image: Image.Image) -> np.ndarray:
-        image = image.convert("RGB")
+        image = to_rgb(image)
         if image.size != (self.image_size, self.image_size):
             image = image.resize((self.image_size, self.image_size), Image.BILINEAR)
         return np.asarray(image, dtype=np.uint8)
