@@ -453,12 +453,15 @@ class Worker:
         trial.set_user_attr("status", record["status"])
         trial.set_user_attr("steps_trained", record.get("steps_trained"))
         put_payload(trial.set_user_attr, "record", record)
+        from bench.memory_figures import compared
+
+        memory = compared([record]).mib(record) if record.get("peak_mem_mib") is not None else None  # comparable across runs
         if self.spec.memory_budget_mib is not None:
-            peak = record.get("peak_mem_mib")
+            peak = memory
             over = (peak - self.spec.memory_budget_mib) if peak is not None else (1.0 if record["status"] == "oom" else 0.0)
             trial.set_constraint("memory", over)
         if record["status"] == "ok":  # the score Optuna sees is validation's: every choice looks at validation only
-            values = {"score": record["val_score"], "memory": record["peak_mem_mib"], "throughput": record["train_samples_per_s"]}
+            values = {"score": record["val_score"], "memory": memory, "throughput": record["train_samples_per_s"]}
             self.study.tell(trial, [values[o] for o in self.spec.objectives])
         elif record["status"] in ("pruned", "paused", "raced"):  # paused: a racing rung, done with this leg
             self.study.tell(trial, state=TrialState.PRUNED)
