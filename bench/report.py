@@ -454,12 +454,14 @@ def write_all(records: list[dict], spec, console: Console, study=None) -> None:
 
 
 def _suite_study(study, suite: str | None):
-    """An in-memory copy of the study's finished trials of one suite (importance is per suite)."""
+    """An in-memory copy of the study's finished trials of one suite (importance is per suite), in run
+    order: workers finish runs in any order, and fANOVA's forest depends on the order of its rows."""
     import optuna
     from optuna.trial import TrialState
 
     trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
               if "run" in t.user_attrs and (suite is None or t.user_attrs.get("suite", suite) == suite)]
+    trials.sort(key=lambda t: (str(t.user_attrs["run"]), t.number))
     copy = optuna.create_study(directions=study.directions)
     copy.add_trials(trials)
     return copy
@@ -488,6 +490,7 @@ def importance_table(study, objectives: tuple[str, ...], suite: str | None = Non
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             rows["score (PED-ANOVA, top 10%)"] = get_param_importances(sub, evaluator=PedAnovaImportanceEvaluator(), params=varying)
+        rank = {}
     elif len(objectives) > 1 and len(trials) >= 10:
         rank = {(tuple(t.values), repr(t.params)): r for r, front in enumerate(_pareto_ranks(sub)) for t in front}
     else:

@@ -123,3 +123,36 @@ def test_importance_with_scores_that_never_vary():
         trial.set_user_attr("run", "r")
         single.tell(trial, 0.0)
     assert "did not vary" in importance_table(single, ("score",))
+
+
+
+def test_importance_does_not_depend_on_trial_order():
+    """Workers finish runs in any order; the importance table must be a function of the runs, the same
+    as one process running the matrix writes (fANOVA's forest reads its rows in trial order)."""
+    import random
+
+    import optuna
+
+    from bench.report import importance_table
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = {"targets": optuna.distributions.CategoricalDistribution(["qk", "qv", "all"]),
+             "vision": optuna.distributions.CategoricalDistribution(["frozen", "resampler"]),
+             "lr": optuna.distributions.CategoricalDistribution([0.002, 0.005, 0.01])}
+    rng = random.Random(0)
+    runs = [({"targets": t, "vision": v, "lr": lr}, f"{t}-{v}-{lr}", rng.random(), 100 * rng.random())
+            for t in ("qk", "qv", "all") for v in ("frozen", "resampler") for lr in (0.002, 0.005, 0.01)]
+    tables = []
+    for order in (runs, runs[::-1], sorted(runs, key=lambda r: r[2])):
+        study = optuna.create_study(directions=["maximize", "minimize"])
+        for params, key, score, memory in order:
+            study.add_trial(optuna.trial.create_trial(params=params, distributions=space, values=[score, memory],
+                                                      user_attrs={"run": key}))
+        tables.append(importance_table(study, ("score", "memory")))
+    assert "score (fANOVA)" in tables[0] and "Pareto rank" in tables[0]
+    assert tables[1] == tables[0] and tables[2] == tables[0]
+
+    single = optuna.create_study(direction="maximize")  # one objective, ten trials or more: PED-ANOVA on the score
+    for params, key, score, _ in runs:
+        single.add_trial(optuna.trial.create_trial(params=params, distributions=space, values=[score], user_attrs={"run": key}))
+    assert "score (PED-ANOVA, top 10%)" in importance_table(single, ("score",))

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -276,6 +275,27 @@ def test_records_travel_in_bounded_pieces(tmp_path):
     for broken in ({k: v for k, v in attrs.items() if k != piece}, {**attrs, piece: attrs[piece][:-4] + "AAAA"}):
         with pytest.raises(BenchError, match="attribute 'record' cannot be read"):
             study_mod.get_payload(broken, "record")
+
+
+def test_tell_bounds_every_attribute(tmp_path):
+    """What a worker attaches to a finished trial (bench.study.Worker._tell) fits MySQL's TEXT: the record in
+    pieces, a failed run's reason cut (the record keeps it whole)."""
+    import json
+    from types import SimpleNamespace
+
+    import optuna
+
+    from bench import study as study_mod
+
+    worker = object.__new__(study_mod.Worker)
+    worker.session = SimpleNamespace(executed=True)
+    worker.spec = SimpleNamespace(memory_budget_mib=None, objectives=("score",))
+    worker.study = optuna.create_study(storage=study_mod.make_storage(SimpleNamespace(storage=None, out=str(tmp_path))))
+    failed = {**_published_record(), "status": "failed", "error": "ValueError: " + "x" * 100_000}
+    worker._tell(worker.study.ask(), failed)
+    (trial,) = worker.study.get_trials(deepcopy=False)
+    assert trial.state.name == "FAIL" and study_mod.trial_record(trial) == failed
+    assert max(len(json.dumps(v).encode()) for v in trial.user_attrs.values()) < 65535
 
 
 def test_records_travel_through_mysql(mariadb_url):

@@ -19,6 +19,7 @@ FILES = ("results.csv", "results.md")
 MEASURED_COLUMN = re.compile(r"mem|mib|_per_s$|_s$", re.I)
 # Markdown table headers and row labels that are measurements: "peak MiB", "samples/s", "memory (fANOVA)", ...
 MEASURED_HEADER = re.compile(r"MiB|GiB|/s\b|memory|throughput|seconds", re.I)
+MEASURED_ROW = re.compile(r"MiB|GiB|/s\b|memory|throughput|seconds|Pareto", re.I)
 MEASURED_TEXT = re.compile(r"[\d.,]+(\s*)(MiB|GiB|train samples/s|samples/s|items/s)")
 
 
@@ -36,27 +37,34 @@ def _cells(line: str) -> list[str]:
     return [c.strip() for c in line.strip().strip("|").split("|")]
 
 
+def _table(lines: list[str]) -> list[str]:
+    """A Markdown table without its measured columns and rows (a row about memory, throughput or the
+    Pareto rank, which both decide), its other columns in name order: an importance table orders its
+    columns by the largest value of any row, measured rows included."""
+    header, *rows = [_cells(line) for line in lines]
+    body = [r for r in rows[1:] if not (r and MEASURED_ROW.search(r[0]))]
+    keep = [0, *sorted((i for i, h in enumerate(header) if i and not MEASURED_HEADER.search(h)), key=lambda i: header[i])]
+    pick = lambda row: "| " + " | ".join(row[i] if i < len(row) else "" for i in keep) + " |"  # noqa: E731
+    return [pick(header), *(pick(r) for r in body)]
+
+
 def markdown_lines(text: str, measured: bool = True) -> list[str]:
     """results.md without its command line; without measured columns, rows and figures unless ``measured``."""
     out: list[str] = []
-    header: list[str] | None = None
-    for line in text.splitlines():
+    block: list[str] = []
+    for line in [*text.splitlines(), ""]:
         if line.startswith("Command:"):
             continue
         if measured:
             out.append(line)
-            continue
-        if not line.startswith("|"):
-            header = None
+        elif line.startswith("|"):
+            block.append(line)
+        else:
+            if block:
+                out += _table(block)
+                block = []
             out.append(MEASURED_TEXT.sub(r"#\1\2", line))
-            continue
-        cells = _cells(line)
-        if header is None:  # a table's header row; its separator row follows
-            header = cells
-        elif cells and MEASURED_HEADER.search(cells[0]) and not set(cells[0]) <= set(":-"):
-            continue  # a row about a measured objective (importance of memory, throughput)
-        out.append("| " + " | ".join(c for c, h in zip(cells, header) if not MEASURED_HEADER.search(h)) + " |")
-    return out
+    return out[:-1]
 
 
 def read(out: Path, measured: bool = True) -> dict[str, list]:

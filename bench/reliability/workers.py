@@ -43,12 +43,14 @@ class Outcome:
     pids: list = field(default_factory=list)
     errors: list = field(default_factory=list)  # the last stderr line of each worker that failed
     trials: collections.Counter = field(default_factory=collections.Counter)  # state -> trials
+    failed: collections.Counter = field(default_factory=collections.Counter)  # why a trial failed -> trials
     executed: collections.Counter = field(default_factory=collections.Counter)  # run id -> times executed
     told: collections.Counter = field(default_factory=collections.Counter)  # run id -> trials finished with its record
     per_worker: collections.Counter = field(default_factory=collections.Counter)  # pid -> runs executed
     record_keys: list = field(default_factory=list)  # per output folder: its record keys, sorted
     missing_records: list = field(default_factory=list)  # executed runs whose record is not in some folder
     table_differences: list = field(default_factory=list)
+    vs_one_process: list | None = None  # differences from one process's tables for the matrix, measured figures aside
     secrets: list = field(default_factory=list)  # outputs and files holding the password
     largest_attr: int = 0  # bytes of the largest attribute value stored (JSON text)
     largest_record: int = 0  # bytes of the largest record as JSON
@@ -65,6 +67,7 @@ class Outcome:
     def ok(self) -> bool:
         return (all(rc == 0 for rc in self.returncodes) and not self.twice and not self.told_twice
                 and not self.missing_records and not self.table_differences and not self.secrets and set(self.per_worker) <= set(self.pids)
+                and not self.vs_one_process
                 and len({tuple(k) for k in self.record_keys}) == 1 and self.largest_attr <= TEXT_LIMIT
                 and bool(self.executed))
 
@@ -82,8 +85,20 @@ def start(out: Path, url: str, args: list[str], worker: bool) -> subprocess.Pope
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def run_workers(url: str, folder: Path, n: int, args: list[str], backend: str = "", timeout: float = 3600) -> Outcome:
-    """Start ``n`` workers on ``url`` (machine 1, then machines 2..n once its study exists), wait, check."""
+def one_process(folder: Path, args: list[str], timeout: float = 3600) -> Path:
+    """The matrix run by one process on its own (a journal study in its --out): the tables to match."""
+    out = Path(folder) / "one-process"
+    cmd = [sys.executable, str(ROOT / "run_bench.py"), *args, "--out", str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, "TQDM_DISABLE": "1"})
+    if done.returncode != 0:
+        raise SystemExit(f"error: the one-process run failed: {(done.stderr.strip().splitlines() or ['exit ' + str(done.returncode)])[-1]}")
+    return out
+
+
+def run_workers(url: str, folder: Path, n: int, args: list[str], backend: str = "", timeout: float = 3600,
+                reference: Path | None = None) -> Outcome:
+    """Start ``n`` workers on ``url`` (machine 1, then machines 2..n once its study exists), wait, check;
+    with ``reference`` (:func:`one_process`'s folder), also compare machine 1's tables with it."""
     import optuna
 
     from bench.reliability import servers, tables
@@ -116,6 +131,8 @@ def run_workers(url: str, folder: Path, n: int, args: list[str], backend: str = 
     outcome.largest_attr = max((len(json.dumps(v).encode()) for a in attrs for v in a.values()), default=0)
     for t in trials:
         outcome.trials[t.state.name.lower()] += 1
+        if t.state.name == "FAIL":
+            outcome.failed[_why_failed(t.user_attrs)] += 1
         run = t.user_attrs.get("run")
         if run is None:
             continue
@@ -145,7 +162,17 @@ def run_workers(url: str, folder: Path, n: int, args: list[str], backend: str = 
                             if p.is_file() and servers.PASSWORD in p.read_text(errors="ignore")]
         if out != outs[0]:
             outcome.table_differences += [f"{outs[0].name} vs {out.name}: {d}" for d in tables.differences(outs[0], out)]
+    if reference is not None:
+        outcome.vs_one_process = tables.differences(reference, outs[0], measured=False)
     return outcome
+
+
+def _why_failed(attrs: dict) -> str:
+    """The worker's reason for a failed trial (bench/study.py); none of them runs anything twice."""
+    for attr, why in (("idle", "empty ask"), ("duplicate_of", "claimed twice"), ("obsolete", "obsolete"), ("stale", "stale")):
+        if attrs.get(attr) is not None:
+            return why
+    return "run failed" if attrs.get("status") else "other"
 
 
 def _versions() -> str:
@@ -182,34 +209,43 @@ def rounds(backends: list[str], n: int, repeat: int, args: list[str], log=print)
     from bench.reliability import servers
 
     factories = {"postgresql": servers.postgres, "mariadb": servers.mariadb}
+    unknown = [b for b in backends if b not in factories]
+    if unknown:
+        raise SystemExit(f"error: unknown backend {unknown[0]!r}; choose from {', '.join(factories)}")
     done = []
-    for backend in backends:
-        for r in range(repeat):
-            try:
-                with factories[backend]() as url, tempfile.TemporaryDirectory(prefix="bench-workers-") as tmp:
-                    outcome = run_workers(url, Path(tmp), n, args, backend=backend)
-            except servers.Unavailable as exc:
-                raise SystemExit(f"error: {backend}: {exc}") from None
-            log(f"{backend} round {r + 1}: {'ok' if outcome.ok else 'FAILED'} in {outcome.wall_s:.0f} s")
-            done.append(outcome)
+    with tempfile.TemporaryDirectory(prefix="bench-one-process-") as ref_tmp:
+        t0 = time.perf_counter()
+        reference = one_process(Path(ref_tmp), args)
+        log(f"one process: {time.perf_counter() - t0:.0f} s")
+        for backend in backends:
+            for r in range(repeat):
+                try:
+                    with factories[backend]() as url, tempfile.TemporaryDirectory(prefix="bench-workers-") as tmp:
+                        outcome = run_workers(url, Path(tmp), n, args, backend=backend, reference=reference)
+                except servers.Unavailable as exc:
+                    raise SystemExit(f"error: {backend}: {exc}") from None
+                log(f"{backend} round {r + 1}: {'ok' if outcome.ok else 'FAILED'} in {outcome.wall_s:.0f} s")
+                done.append(outcome)
     return done
 
 
 def table(outcomes: list[Outcome]) -> str:
-    head = ("| backend | round | workers | wall s | trials (state: n) | runs executed | executed twice | told twice "
-            "| runs per worker | records per folder | tables identical | password found | largest record | largest attribute | exit codes |")
+    head = ("| backend | round | workers | wall s | trials (state: n) | failed trials (why: n) | runs executed | executed twice | told twice "
+            "| runs per worker | records per folder | tables identical | same as one process | password found | largest record | largest attribute | exit codes |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     rounds_seen = collections.Counter()
     for o in outcomes:
         rounds_seen[o.backend] += 1
         states = ", ".join(f"{k}: {v}" for k, v in sorted(o.trials.items()))
+        why = ", ".join(f"{k}: {v}" for k, v in sorted(o.failed.items())) or "none"
         per_folder = sorted({len(k) for k in o.record_keys})
         same_keys = len({tuple(k) for k in o.record_keys}) == 1
         lines.append(
-            f"| {o.backend} | {rounds_seen[o.backend]} | {o.workers} | {o.wall_s:.0f} | {states} | {len(o.executed)} "
+            f"| {o.backend} | {rounds_seen[o.backend]} | {o.workers} | {o.wall_s:.0f} | {states} | {why} | {len(o.executed)} "
             f"| {len(o.twice)} | {len(o.told_twice)} | {', '.join(str(v) for v in sorted(o.per_worker.values(), reverse=True))} "
             f"| {'/'.join(map(str, per_folder))}{'' if same_keys else ' (**differ**)'} "
-            f"| {'yes' if not o.table_differences else '**no**'} | {len(o.secrets)} "
+            f"| {'yes' if not o.table_differences else '**no**'} "
+            f"| {'-' if o.vs_one_process is None else 'yes' if not o.vs_one_process else '**no**'} | {len(o.secrets)} "
             f"| {o.largest_record / 1024:.0f} KiB | {o.largest_attr / 1024:.1f} KiB | {', '.join(map(str, o.returncodes))} |")
     return "\n".join(lines)
 
@@ -227,6 +263,7 @@ def section(argv: list[str]) -> str:
     failures = [f"- {o.backend}: {line}" for o in outcomes
                 for line in [*o.errors, *(f"executed twice: {r}" for r in o.twice), *(f"told twice: {r}" for r in o.told_twice),
                              *(f"record missing: {m}" for m in o.missing_records), *o.table_differences,
+                             *(f"vs one process: {d}" for d in o.vs_one_process or []),
                              *(f"password in {s}" for s in o.secrets)]]
     import torch
 
@@ -246,8 +283,13 @@ def section(argv: list[str]) -> str:
         "continuations and seed rounds are enqueued as the race decides; every record carries 1000 test and 200 validation items "
         "with their predictions). Checked: every worker exits 0; no run executed twice (`executed`), no run told twice (trials "
         "finished with a record); every executed run's record in every folder; identical `results.csv` rows and "
-        "`results.md` (command line aside) in every folder; the password in no output or file; no stored attribute over "
-        f"MySQL's TEXT limit ({TEXT_LIMIT:,} bytes).",
+        "`results.md` (command line aside) in every folder, and the same rows, scores and verdicts as the matrix run "
+        "by one process on its own (`tables.differences(..., measured=False)`: memory, throughput and seconds aside); the password in no output or file; no stored attribute over "
+        f"MySQL's TEXT limit ({TEXT_LIMIT:,} bytes). Failed trials are the queue's bookkeeping, never a second "
+        "execution: *empty ask* (a worker asked after another took the last waiting trial), *claimed twice* (two "
+        "workers enqueued the same run; the later trial stepped aside before running), *obsolete* (a run another "
+        "worker's race plan enqueued that this worker's plan does not hold; it is enqueued again while a plan needs it); *stale* (a worker declared dead) and *run failed* "
+        "would be real failures.",
         "",
         table(outcomes),
         "",
