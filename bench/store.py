@@ -192,6 +192,17 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def assemble_sections(title: str, names: list[str], folder: Path) -> str:
+    """A report made of section files ``<folder>/<name>.md`` (those present, in ``names``' order) under
+    ``title``: benchmarks and soak runs rerun one section at a time (bench.perf, bench.reliability)."""
+    parts = [title]
+    for name in names:
+        path = folder / f"{name}.md"
+        if path.is_file():
+            parts.append(path.read_text())
+    return "\n".join(parts)
+
+
 def read_record(path: Path) -> dict | None:
     """A record file (``.json.gz`` or ``.json``); None when it does not parse."""
     try:

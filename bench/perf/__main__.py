@@ -87,12 +87,9 @@ def run(name: str, reps: int, matrix_reps: int) -> str:
 
 
 def assemble(folder: Path) -> str:
-    parts = [TITLE]
-    for name in ORDER:
-        path = folder / f"{name}.md"
-        if path.is_file():
-            parts.append(path.read_text())
-    return "\n".join(parts)
+    from bench.store import assemble_sections
+
+    return assemble_sections(TITLE, ORDER, folder)
 
 
 def main(argv=None) -> int:

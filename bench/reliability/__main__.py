@@ -26,12 +26,9 @@ section gives its command, machine and versions.
 
 
 def assemble(folder: Path) -> str:
-    parts = [TITLE]
-    for name in SECTIONS:
-        path = folder / f"{name}.md"
-        if path.is_file():
-            parts.append(path.read_text())
-    return "\n".join(parts)
+    from bench.store import assemble_sections
+
+    return assemble_sections(TITLE, SECTIONS, folder)
 
 
 def main(argv=None) -> int:
