@@ -73,7 +73,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-vision", type=flags.positive("1e-4"), help="learning rate of the vision encoder when trained fully, at --lr (default: 0.1 x --lr)")
     p.add_argument("--lora-dropout", type=flags.fraction(low_open=False, high_open=True, example="0.05"), help="LoRA dropout")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass: same numbers, less memory")
-    p.add_argument("--train-items", type=flags.count(1, "1000"), help="training items per suite (generated suites)")
+    p.add_argument("--train-items", type=flags.counts("250,1000,8000"), help="training items per suite (generated suites); several "
+                   "values make it a factor: the same items nested (the 250 are the first 250 of the 1000), each level its own section")
+    p.add_argument("--early-stopping", action="store_true", help="validation every tenth of training; test scores the best checkpoint")
+    p.add_argument("--control", help="control suites (or --data-style folders) every tuned run is also scored on, to measure forgetting; "
+                   "default: shapes (the embedded model's pretraining-like task) for the embedded model, none for checkpoints; none: off")
     p.add_argument("--test-items", type=flags.count(1, "500"), help="test items per suite (generated suites)")
     p.add_argument("--val-items", type=flags.count(1, "200"), help="validation items per suite, carved from the training pool (generated suites)")
     p.add_argument("--param-budget", type=flags.count(1, "20000"), help="LLM LoRA parameters per cell: each target set gets the rank that "
@@ -103,6 +107,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=flags.count(10, "500"), default=500, help="--similarity/--recommend: images sampled per set (default 500)")
     p.add_argument("--results", nargs="+", help="--recommend: results folders holding records (default: results)")
     p.add_argument("--min-throughput", type=flags.positive("2"), help="--recommend: only configurations that trained at least this many samples/s")
+    p.add_argument("--max-forgetting", type=flags.positive("2"), help="--recommend: only configurations that lost at most this "
+                   "many points on the control suites (the base model's control score minus the run's; bench/costs.py)")
     p.add_argument("--estimate-for", help="--recommend: a model (checkpoint folder or built-in name) to estimate each configuration's "
                    "peak training memory on, at --batch-size (default 8) x --seq-len; --memory-budget then applies to the estimates")
     p.add_argument("--seq-len", type=flags.count(1, "1024"), help="--recommend --estimate-for: tokens per training sequence, image tokens included (default 1024)")
@@ -145,6 +151,17 @@ def main(argv: list[str] | None = None) -> int:
         run(spec)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk outside --out (the data cache, a temporary folder): one line too
+        from pathlib import Path
+
+        from bench.store import disk_full, disk_full_reason
+
+        reason = disk_full_reason(exc)
+        if not reason:
+            raise
+        folder = Path(exc.filename).parent if exc.filename else Path.cwd()
+        print(f"error: {disk_full(folder, None, reason)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished runs are saved; run the same command again to resume", file=sys.stderr)

@@ -95,6 +95,14 @@ def ranks(text: str) -> str:
     return _list(text, lambda p: v if (v := _int(p)) is not None and v >= 1 else None, "a whole number >= 1", "4,16")
 
 
+def counts(example: str):
+    """A comma list of whole numbers >= 1 (a factor's levels, e.g. ``--train-items 250,1000,8000``)."""
+    def parse(text: str) -> str:
+        return _list(text, lambda p: v if (v := _int(p)) is not None and v >= 1 else None, "a whole number >= 1", example)
+
+    return parse
+
+
 def seeds(text: str) -> str:
     return _list(text, lambda p: v if (v := _int(p)) is not None and 0 <= v <= SEED_MAX else None,
                  f"a whole number in [0, {SEED_MAX}]", "0,1,2")

@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 
 from bench import memory_figures
+from bench.costs import regime_of, task_of
 from bench.errors import BenchError
 from bench.similarity import Comparison
 
@@ -101,13 +102,20 @@ def build_evidence(records: list[dict], model: str) -> tuple[list[Evidence], lis
     units: dict[tuple, list[dict]] = {}
     for r in records:
         if r["model"] == model and r.get("status") == "ok" and "val_score" in r:
-            units.setdefault((r["suite"], r["data"]), []).append(r)
+            units.setdefault((task_of(r), r["data"]), []).append(r)
     chosen = []
     for suite in sorted({s for s, _ in units}):
         candidates = sorted(((k, v) for k, v in units.items() if k[0] == suite), key=lambda kv: -sum(r["kind"] == "cell" for r in kv[1]))
         (_, data), runs = candidates[0]
         for (_, other), dropped in candidates[1:]:
             notes.append(f"{suite}: used the benchmark on {data}; ignored {len(dropped)} records on {other}")
+        sections = {r["suite"] for r in runs}
+        if len(sections) > 1:  # levels of --train-items: the full training set (or the largest) is the evidence
+            section = max(sections, key=lambda s: (s == suite, max(int(regime_of(r).get("train_items") or 0)
+                                                                  for r in runs if r["suite"] == s)))
+            dropped = [r for r in runs if r["suite"] != section and r["kind"] == "cell"]
+            notes.append(f"{suite}: used {section}; ignored {len(dropped)} runs of other training-set sizes")
+            runs = [r for r in runs if r["suite"] == section]
         cells = [r for r in runs if r["kind"] == "cell"]
         budgets = {(r["train"]["steps"], r["train"]["batch_size"]) for r in cells}
         if len(budgets) > 1:  # matrix and search runs of different lengths: keep the commonest budget
@@ -117,7 +125,7 @@ def build_evidence(records: list[dict], model: str) -> tuple[list[Evidence], lis
             cells = [r for r in cells if (r["train"]["steps"], r["train"]["batch_size"]) == common]
         if not cells:
             continue
-        base = next((r["score"] for r in runs if r["kind"] == "base"), None)
+        base = next((r for r in runs if r["kind"] == "base"), None)
         chosen.append((suite, data, cells, base))
     memory = memory_figures.compared([r for _, _, cells, _ in chosen for r in cells])  # one figure across suites
     if memory.note:
@@ -128,17 +136,19 @@ def build_evidence(records: list[dict], model: str) -> tuple[list[Evidence], lis
     return evidence, notes
 
 
-def _evidence(suite: str, data: str, cells: list[dict], base: float | None, memory: memory_figures.Figure) -> Evidence:
+def _evidence(suite: str, data: str, cells: list[dict], base: dict | None, memory: memory_figures.Figure) -> Evidence:
     from bench.verdict import judge
 
-    v = judge(cells, n_boot=1000)[suite]
+    v = judge(cells, n_boot=1000)[cells[0]["suite"]]
+    controls = {name: entry["score"] for name, entry in ((base or {}).get("control") or {}).items()}
     rows = []
     for c in v.cells:
         _, targets, rank, alpha, vision = c.key
         rows.append({"targets": targets, "rank": rank, "alpha": alpha, "vision": vision,
                      **dict(zip(RATES, c.setting)), "val": c.val, "score": c.test, "seeds": c.seeds,
-                     "mem_mib": _mean(memory.mib(r) for r in c.runs), "train_samples_per_s": c.mean("train_samples_per_s")})
-    ev = Evidence(suite, data, cells[0]["metric"], base, pd.DataFrame(rows), memory=memory)
+                     "mem_mib": _mean(memory.mib(r) for r in c.runs), "train_samples_per_s": c.mean("train_samples_per_s"),
+                     "forgetting": _forgetting(c.runs, controls)})
+    ev = Evidence(suite, data, cells[0]["metric"], (base or {}).get("score"), pd.DataFrame(rows), memory=memory)
     ev.gains = _gains(ev.configs)
     ev.acceptable = {c.key[4] for c in v.cells if c.key in v.best_set}
     return ev
@@ -147,6 +157,16 @@ def _evidence(suite: str, data: str, cells: list[dict], base: float | None, memo
 def _mean(values) -> float:
     values = [x for x in values if x is not None]
     return float(np.mean(values)) if values else math.nan
+
+
+def _forgetting(runs: list[dict], base_controls: dict[str, float]) -> float:
+    """Mean over seeds of the worst control's loss (base model's control score minus the run's); NaN
+    when the runs were not scored on a control (bench.costs)."""
+    worst = []
+    for r in runs:
+        lost = [base_controls[name] - entry["score"] for name, entry in (r.get("control") or {}).items() if name in base_controls]
+        worst.append(max(lost) if lost else None)
+    return math.nan if any(x is None for x in worst) else _mean(worst)
 
 
 def _gains(configs: pd.DataFrame) -> dict[str, float]:
@@ -269,10 +289,11 @@ class Choice:
 
 
 def choose(evidence: list[Evidence], calibration: Calibration | None, d: float | None, nearest: str,
-           budget_mib: float | None, min_throughput: float | None, memory: dict | None = None) -> Choice | None:
+           budget_mib: float | None, min_throughput: float | None, memory: dict | None = None,
+           max_forgetting: float | None = None) -> Choice | None:
     """The recommended configuration under the limits, or None when nothing measured fits.
     ``memory`` (configuration -> MiB) replaces the measured peaks: estimates on the user's model."""
-    table = _feasible(evidence, budget_mib, min_throughput, memory)
+    table = _feasible(evidence, budget_mib, min_throughput, memory, max_forgetting)
     if table.empty:
         return None
     if calibration is not None and d is not None:
@@ -310,13 +331,16 @@ def _weighted(values: dict[str, tuple[float, float]]) -> float:
 
 
 def _feasible(evidence: list[Evidence], budget_mib: float | None, min_throughput: float | None,
-              memory: dict | None = None) -> pd.DataFrame:
+              memory: dict | None = None, max_forgetting: float | None = None) -> pd.DataFrame:
     """Every measured configuration (across suites) with its worst memory (the evidence's figure) and mean
     throughput (memory from ``memory`` instead, when given: estimates on another model)."""
     frames = [ev.configs.assign(suite=ev.suite) for ev in evidence]
     allc = pd.concat(frames)
+    if "forgetting" not in allc:  # evidence built without control scores
+        allc["forgetting"] = math.nan
     grouped = allc.groupby(CONFIG, sort=False)
-    table = grouped.agg(mem_mib=("mem_mib", "max"), train_samples_per_s=("train_samples_per_s", "mean")).reset_index()
+    table = grouped.agg(mem_mib=("mem_mib", "max"), train_samples_per_s=("train_samples_per_s", "mean"),
+                        forgetting=("forgetting", lambda x: x.max(skipna=False))).reset_index()
     table["val_by_suite"] = [dict(zip(g.suite, g.val)) for _, g in grouped]
     table["test_by_suite"] = [dict(zip(g.suite, g.score)) for _, g in grouped]
     table["rates_by_suite"] = [{s: tuple(row[c] for c in RATES) for s, (_, row) in zip(g.suite, g.iterrows())} for _, g in grouped]
@@ -327,6 +351,8 @@ def _feasible(evidence: list[Evidence], budget_mib: float | None, min_throughput
         table = table[table.mem_mib <= budget_mib]
     if min_throughput is not None:
         table = table[table.train_samples_per_s >= min_throughput]
+    if max_forgetting is not None:  # unmeasured forgetting (NaN) is not known to be within the limit
+        table = table[table.forgetting <= max_forgetting]
     return table
 
 
@@ -425,6 +451,17 @@ def run(args) -> int:
         smallest = _feasible(evidence, None, None, memory).sort_values("mem_mib").iloc[0]
         raise BenchError(f"no benchmarked configuration fits --memory-budget {args.memory_budget} (the smallest {kind} is "
                          f"{smallest.mem_mib:.0f} MiB: {name(smallest)}); raise the budget or benchmark smaller cells")
+    max_forgetting = getattr(args, "max_forgetting", None)
+    max_forgetting = None if max_forgetting is None else max_forgetting / 100  # points -> score units
+    if max_forgetting is not None:
+        measured = _feasible(evidence, None, None, memory).dropna(subset=["forgetting"])
+        if measured.empty:
+            raise BenchError("--max-forgetting needs runs scored on a control suite, and these records have none; benchmark "
+                             "with controls (the embedded model's default, or --control SUITE) and pass those --results")
+        if _feasible(evidence, budget, args.min_throughput, memory, max_forgetting).empty:
+            least = measured.sort_values("forgetting").iloc[0]
+            raise BenchError(f"no benchmarked configuration within the limits forgets at most {args.max_forgetting:g} points "
+                             f"(the least is {100 * least.forgetting:.1f}: {name(least)}); raise --max-forgetting")
     if args.min_throughput is not None and _feasible(evidence, budget, args.min_throughput, memory).empty:
         raise BenchError(f"no benchmarked configuration within the limits trains at >= {args.min_throughput:g} samples/s; "
                          "lower --min-throughput or raise --memory-budget")
@@ -452,10 +489,11 @@ def run(args) -> int:
     else:
         notes.append(f"{adapter.display_name()} has no pretraining sample and no --reference was given: the nearest "
                      "suite decides; pass --reference DIR for a calibrated decision")
-    choice = choose(evidence, calibration, d, nearest, budget, args.min_throughput, memory)
+    choice = choose(evidence, calibration, d, nearest, budget, args.min_throughput, memory, max_forgetting)
     runner_up = None
     if choice is not None:
-        runner_up = choose(evidence, calibration, d, nearest, choice.config.mem_mib * 0.99, args.min_throughput, memory)
+        runner_up = choose(evidence, calibration, d, nearest, choice.config.mem_mib * 0.99, args.min_throughput, memory,
+                           max_forgetting)
     loo = leave_one_out(evidence) if calibration is not None else pd.DataFrame()
     text = markdown(args, adapter, data_set, data_distance, to_suite, nearest, evidence, calibration, choice, runner_up,
                     loo, budget, notes, target, memory)
@@ -495,6 +533,8 @@ def markdown(args, adapter, data_set, data_distance, to_suite, nearest, evidence
         limits.append(f"--memory-budget {args.memory_budget}")
     if args.min_throughput is not None:
         limits.append(f"--min-throughput {args.min_throughput:g}")
+    if getattr(args, "max_forgetting", None) is not None:
+        limits.append(f"--max-forgetting {args.max_forgetting:g} points (on the control suites)")
     lines = [f"# Recommendation for {data_set.name}", "",
              f"Command: `python run_bench.py --recommend --data {args.data}"
              + "".join(f" {x}" for x in limits) + (f" --results {' '.join(args.results)}" if args.results else "") + "`", "",
@@ -515,6 +555,9 @@ def markdown(args, adapter, data_set, data_distance, to_suite, nearest, evidence
         figure = evidence[0].memory
         lines.append(f"- measured on the benchmark model: memory {_mib(c.measured_mib)} MiB ({figure.short}; the most over the "
                      f"suites), {c.train_samples_per_s:.0f} train samples/s")
+        if not math.isnan(c.forgetting):
+            lines.append(f"- forgetting: it lost {100 * c.forgetting:.1f} points on the control suites at most over the "
+                         "benchmarked suites (the base model's control score minus the run's; bench/costs.py)")
         for suite, (score, base, w) in sorted(choice.per_suite.items(), key=lambda kv: -kv[1][2]):
             if w > 0:
                 lines.append(f"- on {suite} (weight {w:.2f} at your distance) it scored {score:.3f} on test"

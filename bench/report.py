@@ -18,7 +18,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from bench import memory_figures, race
+from bench import costs, memory_figures, race
 from bench import verdict as verdicts
 from bench.machine import one_line
 from bench.stats import MARGIN
@@ -36,6 +36,8 @@ def frame(records: list[dict]) -> pd.DataFrame:
     runs are compared on, named in ``memory_figure`` (bench.memory_figures)."""
     chosen = {id(r) for c in verdicts.choose_rates(records).values() for r in c.runs}
     figure = memory_figures.compared(records)
+    base_controls = {r["suite"]: {k: e["score"] for k, e in (r.get("control") or {}).items()}
+                     for r in records if r.get("kind") == "base" and r.get("status") == "ok"}
     rows = []
     for r in records:
         cell = r.get("cell") or {}
@@ -75,6 +77,9 @@ def frame(records: list[dict]) -> pd.DataFrame:
             "train_s": r.get("train_s"),
             "eval_s": r.get("eval_s"),
             "final_loss": float(np.mean(losses[-10:])) if losses else None,
+            "train_items": train.get("train_items"),
+            "stopped_at": r.get("stopped_at"),
+            **_control_columns(r, base_controls.get(r["suite"], {})),
             "status": r["status"],
             "key": r["key"],
         })
@@ -83,6 +88,16 @@ def frame(records: list[dict]) -> pd.DataFrame:
         return df
     return df.sort_values(["suite", "kind", "target_set", "rank", "alpha", "vision_policy", "lr", "seed"],
                           kind="stable", na_position="first").reset_index(drop=True)
+
+
+def _control_columns(r: dict, base: dict) -> dict:
+    """The first control suite's score (bench.costs): the run's, the base model's, and what was lost."""
+    name = next(iter(r.get("control") or {}), None)
+    if name is None:
+        return {"control_suite": None, "control_score": None, "base_control_score": None, "forgetting": None}
+    score, before = r["control"][name]["score"], base.get(name)
+    return {"control_suite": name, "control_score": score, "base_control_score": before,
+            "forgetting": before - score if before is not None and r.get("kind") == "cell" else None}
 
 
 def _mean(values) -> float:
@@ -356,6 +371,19 @@ def markdown(records: list[dict], command: str, settings: dict, margin: float = 
         if racing is not None:
             plan = race.plan([r for r in records if r.get("suite") == suite], *racing)
         lines += suite_markdown(v, metric, bases.get(suite, (None, None)), margin, source, plan)
+        for f in costs.forgetting(v, [r for r in records if r["suite"] == suite], margin):
+            lines += costs.forgetting_lines(f, metric)
+    regimes = costs.regimes_table(judged, records)
+    for task, table in regimes.items():
+        lines += [f"## {task}: training-set size (test score [95% interval], each cell at its best rate on validation)", "",
+                  "The same items nested: a smaller set is the first items of a larger one; validation and test are shared.", "",
+                  table.to_markdown(disable_numparse=True), ""]
+    cost_findings = costs.regime_findings(judged, records, margin)
+    if not cost_findings.empty:
+        lines += ["## Costs of tuning: findings", "",
+                  "*on test*: the section's own test score (a negative difference where data resemble pretraining is "
+                  "over-fitting); *on control*: the control suite's score (a negative difference is more forgetting).", "",
+                  cost_findings.to_markdown(index=False, disable_numparse=True), ""]
     if len(judged) > 1:
         lines += ["## Across suites (test score, each cell at its best rate on that suite's validation)", "",
                   cross_suite(judged, bases).to_markdown(floatfmt=".3f"), ""]
@@ -438,12 +466,14 @@ def write_all(records: list[dict], spec, console: Console, study=None) -> None:
         if len(spec.objectives) > 1 and any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)):
             atomic_write_bytes(out / PARETO_PNG, pareto_png(study, spec))
     elif study is not None:
-        for suite in spec.suites:
+        for suite in sorted({r["suite"] for r in records}):  # a section per suite and data regime
             text += f"\n## Parameter importance: {suite}\n\n" + importance_table(study, spec.objectives, suite)
     for suite, v in judged.items():
+        metric = next(r["metric"] for r in records if r["suite"] == suite)
         if heatmap_name(suite) in text:
-            metric = next(r["metric"] for r in records if r["suite"] == suite)
             atomic_write_bytes(out / heatmap_name(suite), heatmap_png(cells_frame(v), suite, metric))
+        for f in costs.forgetting(v, [r for r in records if r["suite"] == suite], margin):
+            atomic_write_bytes(out / costs.png_name(f.section, f.control), costs.forgetting_png(f, metric))
     atomic_write_text(out / "results.md", text + "\n")
     if judged:
         terminal_table(judged, records, console)

@@ -31,7 +31,7 @@ def _data_folder(record: dict) -> Path:
         return folder
     train = record.get("train") or {}
     if "-data-" not in record["data"]:
-        suite = suites.get(record["suite"])
+        suite = suites.get(record.get("task") or record["suite"])  # a data-regime section's own suite
         rebuilt = suite.prepare(train.get("train_items"), train.get("test_items"), val_items=train.get("val_items"))
         if rebuilt.name == record["data"]:
             return rebuilt

@@ -7,6 +7,7 @@ Finished runs are found by their record and skipped, so a rerun (or a run after 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -30,7 +31,7 @@ from bench.models import get_adapter
 from bench.parallel import Group
 from bench.space import Cell, TrainSettings
 from bench.spec import Spec
-from bench.store import DONE, SCHEMA, DiskFull, Store, check_schemas, digest, disk_full, disk_full_reason
+from bench.store import DONE, SCHEMA, DiskFull, Store, check_schemas, current, digest, disk_full, disk_full_reason
 from bench.suite_data import content_digest, describe, read_split
 from bench.train import Diverged, attach, detach, ranks_for_budget, resolve, train
 from bench.vision_cache import VisionCache, encoder_is_frozen
@@ -67,21 +68,64 @@ def checkpoint_steps(steps: int, fractions=CURVE) -> list[int]:
 
 @dataclass
 class SuiteRun:
+    """One suite at one data regime: its own section of the report, its own store folder (``name``)."""
+
     suite: suite_registry.Suite
     data_dir: Path
     identity: dict  # everything about the suite's data and the model that decides a run's numbers
     source: str = ""
+    train: TrainSettings | None = None  # the regime's reference settings (None: the spec's)
+    regime: dict | None = None  # the factor levels this section stands for, e.g. {"train_items": 250}
+
+    @property
+    def name(self) -> str:
+        return regime_label(self.suite.name, self.regime)
 
     @property
     def max_gen_toks(self) -> int:
         return self.identity["max_gen_toks"]
 
+    def reference(self, spec: Spec) -> TrainSettings:
+        return self.train or spec.train
+
+    def settings(self, spec: Spec) -> list[TrainSettings]:
+        """The training settings of each grid learning rate, at this regime."""
+        return [self.reference(spec).at(lr) for lr in spec.lrs] if spec.lrs else [self.reference(spec)]
+
     def base_key(self) -> str:
         return f"base-{digest(self.identity)}"
 
     def key(self, spec: Spec, cell: Cell, seed: int, train: TrainSettings | None = None) -> str:
-        payload = {**self.identity, "train": (train or spec.train).to_dict(), "cell": cell.to_dict(), "seed": seed}
+        payload = {**self.identity, "train": (train or self.reference(spec)).to_dict(), "cell": cell.to_dict(), "seed": seed}
         return f"{cell.name}-s{seed}-{digest(payload)}"
+
+
+REGIME_TAGS = {"train_items": "n", "resolution": "res"}
+
+
+def regime_label(suite: str, regime: dict | None) -> str:
+    """``docvqa`` or, for one level of a data-regime factor, ``docvqa@n250`` (train items) /
+    ``docvqa@res802816`` (image resolution knob); the store folder and report section of that level."""
+    if not regime:
+        return suite
+    return f"{suite}@" + "-".join(f"{REGIME_TAGS[k]}{v}" for k, v in regime.items())
+
+
+@dataclass
+class Control:
+    """A control suite every tuned run is also scored on (forgetting): the same items for every cell."""
+
+    name: str  # the suite's name, or suite=folder for real data
+    suite: suite_registry.Suite
+    data_dir: Path
+    max_gen_toks: int
+
+    @property
+    def data(self) -> str:
+        return content_digest(self.data_dir)
+
+
+CONTROL_ITEMS = 500  # control items per suite (real data: the first of its test split), or --test-items if fewer
 
 
 def progress_bar(console: Console) -> Progress:
@@ -146,6 +190,8 @@ class Session:
         self.suite_runs: dict[str, SuiteRun] = {}
         self._examples: tuple[str, list] | None = None  # one suite's training examples at a time
         self.vision_cache = VisionCache()  # for those examples
+        self.controls: list[Control] = []
+        self._control_base: dict[str, dict] = {}  # control name -> the base model's score on it (one per process)
 
     def prepare(self, progress: Progress) -> None:
         prep = progress.add_task("prepare data", total=len(self.spec.suites), info="")
@@ -159,26 +205,54 @@ class Session:
                         "max_gen_toks": generation_budget(self.adapter, suite, data_dir)}
             if self.group.parallel:  # the same update, rounded differently: its own runs
                 identity["processes"] = self.group.size
-            self.suite_runs[name] = SuiteRun(suite, data_dir, identity, describe(data_dir))
+            for regime in self.spec.regimes:
+                train = dataclasses.replace(self.spec.train, **regime) if regime else None
+                sr = SuiteRun(suite, data_dir, identity, describe(data_dir), train, regime or None)
+                self.suite_runs[sr.name] = sr
             progress.advance(prep)
         progress.remove_task(prep)
+        self.controls = self._prepare_controls(progress)
+
+    def _prepare_controls(self, progress: Progress) -> list[Control]:
+        names = self.spec.control if self.spec.control is not None else self.adapter.control_suites
+        items = min(CONTROL_ITEMS, self.spec.train.test_items or CONTROL_ITEMS)  # a quick matrix, a quick control
+        controls = []
+        for name in names:
+            suite_name, _, folder = name.partition("=")
+            suite = suite_registry.get(suite_name)
+            if folder:
+                data_dir = suite.prepare(data=Path(folder).expanduser(), limit=items, console=progress.console)
+            else:  # a few training items only size the answer budget; the test split is the control
+                data_dir = suite.prepare(train_items=200, test_items=items, val_items=0)
+            controls.append(Control(name, suite, data_dir, generation_budget(self.adapter, suite, data_dir)))
+        return controls
+
+    def controls_for(self, sr: SuiteRun) -> list[Control]:
+        """The controls of a suite's runs: a suite is no control of itself."""
+        return [c for c in self.controls if c.name != sr.suite.name]
 
     def runs(self) -> list[tuple[SuiteRun, Cell, TrainSettings, int]]:
-        """Every run of the matrix (suite x cell x learning rate x seed), in a stable order."""
+        """Every run of the matrix (suite x regime x cell x learning rate x seed), in a stable order."""
         return [(sr, cell, settings, seed) for sr in self.suite_runs.values() for cell in self.spec.cells
-                for settings in self.spec.settings for seed in self.spec.seeds]
+                for settings in sr.settings(self.spec) for seed in self.spec.seeds]
 
     def keys(self) -> dict[str, set[str]]:
-        keys = {sr.suite.name: {sr.base_key()} for sr in self.suite_runs.values()}
+        keys = {sr.name: {sr.base_key()} for sr in self.suite_runs.values()}
         for sr, cell, settings, seed in self.runs():
-            keys[sr.suite.name].add(sr.key(self.spec, cell, seed, settings))
+            keys[sr.name].add(sr.key(self.spec, cell, seed, settings))
         return keys
 
     def base(self, sr: SuiteRun, progress: Progress) -> dict:
-        record = self.store.get(sr.suite.name, sr.base_key())
+        record = current(self.store.get(sr.name, sr.base_key()))
         if record is None or record.get("status") != "ok":
-            progress.console.print(f"[dim]{sr.suite.name}: scoring the base model[/dim]")
+            progress.console.print(f"[dim]{sr.name}: scoring the base model[/dim]")
             record = _evaluate_base(self.spec, self.adapter, sr, self.accelerator, progress, self.context)
+            self.store.put(record)
+        controls = self.controls_for(sr)
+        known = record.get("control") or {}
+        if any((known.get(c.name) or {}).get("data") != c.data for c in controls):
+            record = {**record, "control": {**known, **_control_scores(self.spec, self.adapter, self.adapter.model, controls,
+                                                                      self.accelerator, progress, "base model", self._control_base)}}
             self.store.put(record)
         return record
 
@@ -190,7 +264,7 @@ class Session:
         pause (state under ``<out>/.paused/``); a later call without ``until`` goes on from there."""
         self.executed = False
         key = sr.key(self.spec, cell, seed, train)
-        record = self.store.get(sr.suite.name, key)
+        record = current(self.store.get(sr.name, key))
         if record is not None and record.get("status") in DONE:
             return record
         if record is not None and until is not None and record.get("status") in ("paused", "raced") \
@@ -198,30 +272,34 @@ class Session:
             return record
         paused = None
         if until is None and record is not None and record.get("status") == "paused":
-            state = self.store.load_paused(sr.suite.name, key)
+            state = self.store.load_paused(sr.name, key)
             paused = (record, state) if state is not None else None  # no state (another machine paused it): from the start
         self.executed = True
         if self.group.parallel:  # the followers train this run with us
-            self.group.share(("run", sr.suite.name, cell, seed, train, fractions, until, paused[1] if paused else None))
+            self.group.share(("run", sr.name, cell, seed, train, fractions, until, paused[1] if paused else None))
         record = self._execute(sr, cell, seed, progress, train, on_val, fractions, until, paused,
-                               on_pause=lambda state: self.store.save_paused(sr.suite.name, key, state))
+                               on_pause=lambda state: self.store.save_paused(sr.name, key, state))
         self.store.put(record)
         if record["status"] != "paused":
-            self.store.drop_paused(sr.suite.name, key)
+            self.store.drop_paused(sr.name, key)
         if record["status"] not in ("ok", "paused"):
             progress.console.print(f"[yellow]{cell.name} seed {seed}: {record['status']}: {record['error']}[/yellow]")
         return record
 
     def _execute(self, sr, cell, seed, progress, train, on_val, fractions, until, paused, on_pause=None) -> dict:
-        if self._examples is None or self._examples[0] != sr.suite.name:
+        if self._examples is None or self._examples[0] != sr.suite.name:  # the regimes of a suite share them
             self._examples = None  # free the previous suite's examples first
             self.vision_cache.clear()
             self._examples = (sr.suite.name, encode_split(self.adapter, sr.suite, sr.data_dir, "train"))
         if cell not in self.resolutions:
             self.resolutions[cell] = resolve(self.adapter.model, self.adapter.roles, cell)
-        return _one_run(self.spec, self.adapter, sr, cell, seed, self.resolutions[cell], self._examples[1],
-                        self.accelerator, progress, self.context, on_val, train or self.spec.train,
-                        None if self.group.parallel else self.vision_cache, fractions, until, paused, on_pause=on_pause)
+        examples = self._examples[1]
+        if sr.regime and sr.regime.get("train_items"):  # nested: a smaller level's items are the first of a larger's
+            examples = examples[:sr.regime["train_items"]]
+        return _one_run(self.spec, self.adapter, sr, cell, seed, self.resolutions[cell], examples,
+                        self.accelerator, progress, self.context, on_val, train or sr.reference(self.spec),
+                        None if self.group.parallel else self.vision_cache, fractions, until, paused, on_pause=on_pause,
+                        controls=self.controls_for(sr))
 
     def follow(self, progress: Progress) -> None:
         """A follower's life: train each run the leader announces (its slice of every batch) until it stops."""
@@ -239,7 +317,7 @@ class Session:
 
     def records(self, keys: dict[str, set[str]] | None = None) -> list[dict]:
         keys = keys or self.keys()
-        records = [r for r in self.store.all() if r.get("key") in keys.get(r.get("suite"), set())]
+        records = [r for r in self.store.all() if r.get("key") in keys.get(r.get("suite"), set()) and current(r)]
         for r in records:  # records written before data_source existed
             r.setdefault("data_source", self.suite_runs[r["suite"]].source)
         return records
@@ -255,7 +333,7 @@ def run(spec: Spec, console: Console | None = None) -> Path:
     older = sum(n for schema, n in schemas.items() if schema < SCHEMA)
     if older:
         console.print(f"[dim]{spec.out} holds {older} record(s) of an earlier record schema (before the validation split): "
-                      f"kept, but not resumed or tabled with this matrix (their training settings differ)[/dim]")
+                      f"kept, but not resumed or tabled (a run of this matrix with the same key is made again and replaces its record)[/dim]")
     if spec.storage:
         study.make_storage(spec)  # an unreachable database fails here, before the model loads or --out exists
     session = Session(spec, console)
@@ -300,7 +378,8 @@ def _print_plan(console, spec: Spec, adapter, resolutions, processes: int = 1) -
     rates = ", ".join(f"{t.lr:g}" for t in spec.settings)
     where = f"{processes} data-parallel processes ({spec.device.type}), batch split evenly" if processes > 1 else f"device {spec.device}"
     console.print(
-        f"[bold]{'up to ' if spec.protocol == 'race' and not spec.search else ''}{spec.n_runs} runs[/bold] = {len(spec.suites)} suite(s) x {len(spec.cells)} cells x {len(spec.settings)} "
+        f"[bold]{'up to ' if spec.protocol == 'race' and not spec.search else ''}{spec.n_runs} runs[/bold] = {len(spec.suites)} suite(s) x "
+        f"{f'{len(spec.regimes)} data regimes x ' if len(spec.regimes) > 1 else ''}{len(spec.cells)} cells x {len(spec.settings)} "
         f"learning rate(s) ({rates}) x {len(spec.seeds)} seed(s); model {adapter.display_name()}; "
         f"{spec.train.steps} steps x batch {spec.train.batch_size} per run; {where}"
     )
@@ -326,7 +405,8 @@ def _base_record(spec: Spec, sr: SuiteRun, context: dict, key: str, kind: str) -
     return {
         "key": key,
         "kind": kind,
-        "suite": sr.suite.name,
+        "suite": sr.name,
+        **({"task": sr.suite.name, "regime": sr.regime} if sr.regime else {}),
         "metric": sr.suite.metric,
         "model": spec.model,
         "data": str(sr.data_dir.name),
@@ -348,7 +428,7 @@ def _evaluate_base(spec, adapter, sr: SuiteRun, accelerator, progress, context) 
     return record
 
 
-def _evaluate(spec, adapter, model, sr: SuiteRun, accelerator, progress, label: str, split: str = "test"):
+def _evaluate(spec, adapter, model, sr: SuiteRun | Control, accelerator, progress, label: str, split: str = "test"):
     task = progress.add_task(f"  eval {label}", total=None, info="")
 
     def advance(n: int, total: int) -> None:
@@ -361,11 +441,55 @@ def _evaluate(spec, adapter, model, sr: SuiteRun, accelerator, progress, label: 
         progress.remove_task(task)
 
 
+def _control_scores(spec, adapter, model, controls: list[Control], accelerator, progress, label: str,
+                    cache: dict | None = None) -> dict:
+    """``{control: {"score", "data", "items"}}``: the model scored on each control suite's test items."""
+    out = {}
+    for c in controls:
+        if cache is not None and (cache.get(c.name) or {}).get("data") == c.data:
+            out[c.name] = cache[c.name]
+            continue
+        result = _evaluate(spec, adapter, model, c, accelerator, progress, f"{label} on control {c.name}")
+        out[c.name] = {"score": result.score, "data": c.data,  # per-item scores only: the bootstrap's input
+                       "items": [{"id": i["id"], "score": i["score"]} for i in result.items]}
+        if cache is not None:
+            cache[c.name] = out[c.name]
+    return out
+
+
+EARLY_STOPPING_CURVE = tuple(i / 10 for i in range(1, 10))  # --early-stopping: validation every tenth
+
+
+class _BestCheckpoint:
+    """Validation-based stopping: the trainable weights at the best validation score so far (CPU copies
+    of the trainable tensors only), put back before test is scored."""
+
+    def __init__(self, saved: dict | None = None):
+        saved = saved or {}
+        self.step, self.score, self.weights = saved.get("step"), saved.get("score"), saved.get("weights")
+
+    def offer(self, step: int, score: float, model) -> None:
+        if self.score is None or score > self.score:
+            self.step, self.score = step, score
+            self.weights = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+
+    def restore(self, model) -> None:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in self.weights.items():
+                params[name].copy_(value.to(params[name].device))
+
+    def to_state(self) -> dict:
+        return {"step": self.step, "score": self.score, "weights": self.weights}
+
+
 def _one_run(spec: Spec, adapter, sr: SuiteRun, cell: Cell, seed: int, resolution, examples, accelerator, progress, context,
              on_val=None, settings: TrainSettings | None = None, vision_cache: VisionCache | None = None,
-             fractions=CURVE, until: int | None = None, paused: tuple[dict, dict] | None = None, on_pause=None) -> dict:
-    """Train one run, score validation at the curve's checkpoints and at the end, then score test.
-    Test is scored once, after training, and nothing downstream chooses on it.
+             fractions=CURVE, until: int | None = None, paused: tuple[dict, dict] | None = None, on_pause=None,
+             controls: list[Control] = ()) -> dict:
+    """Train one run, score validation at the curve's checkpoints and at the end, then score test (and
+    each control suite, for forgetting). Test is scored once, after training, and nothing downstream
+    chooses on it. With early stopping the weights scored are those of the best validation checkpoint.
 
     ``until``: pause after that step (a racing rung, bench/race.py) and record the run as ``paused``,
     handing the training state to ``on_pause``; ``paused``: (the paused record, its state) to go on from."""
@@ -386,6 +510,9 @@ def _one_run(spec: Spec, adapter, sr: SuiteRun, cell: Cell, seed: int, resolutio
     label = f"{cell.name} lr {settings.lr:g} s{seed}"
     steps_task = progress.add_task(f"  train {label}", total=settings.steps, info="")
     prior, state = paused or ({}, None)
+    if settings.early_stopping and fractions == CURVE:
+        fractions = EARLY_STOPPING_CURVE
+    best = _BestCheckpoint((state or {}).get("best")) if settings.early_stopping else None
     curve: list[list] = [list(c) for c in prior.get("val_curve") or []]
     wall -= prior.get("wall_s") or 0.0  # a resumed run's wall time counts both legs
     try:
@@ -402,6 +529,8 @@ def _one_run(spec: Spec, adapter, sr: SuiteRun, cell: Cell, seed: int, resolutio
                 return
             score = _evaluate(spec, adapter, peft_model, sr, accelerator, progress, f"{label} step {step} (validation)", "val").score
             curve.append([step, score])
+            if best is not None:
+                best.offer(step, score, peft_model)
             pruned = None
             try:
                 if on_val:
@@ -420,7 +549,7 @@ def _one_run(spec: Spec, adapter, sr: SuiteRun, cell: Cell, seed: int, resolutio
         progress.remove_task(steps_task)
         if result.state is not None:
             if on_pause:
-                on_pause(result.state)
+                on_pause({**result.state, "best": best.to_state()} if best is not None else result.state)
             record.update(status="paused", error=None, score=None, val_score=None, val_curve=curve, steps_trained=until,
                           train_s=result.train_s, losses=result.losses, trainable_params=result.trainable_params,
                           total_params=total, **memory_fields(result, state_bytes))
@@ -432,8 +561,16 @@ def _one_run(spec: Spec, adapter, sr: SuiteRun, cell: Cell, seed: int, resolutio
             return record
         val = _evaluate(spec, adapter, peft_model, sr, accelerator, progress, f"{label} (validation)", "val")
         curve.append([settings.steps, val.score])
+        if best is not None:
+            best.offer(settings.steps, val.score, peft_model)
+            record["stopped_at"] = best.step
+            if best.step != settings.steps:  # the best checkpoint was earlier: its weights are the run's
+                best.restore(peft_model)
+                val = _evaluate(spec, adapter, peft_model, sr, accelerator, progress, f"{label} step {best.step} (validation)", "val")
         evaluation = _evaluate(spec, adapter, peft_model, sr, accelerator, progress, label)
-        late = [s for step, s in curve if step == round(settings.steps * CURVE[-1])]
+        if controls:
+            record["control"] = _control_scores(spec, adapter, peft_model, controls, accelerator, progress, label)
+        late = [s for step, s in curve if step == round(settings.steps * (0.8 if best is not None else CURVE[-1]))]
         record.update(
             status="ok", error=None, score=evaluation.score, val_score=val.score, val_curve=curve,
             plateaued=bool(val.score - late[0] < PLATEAU) if late else None,

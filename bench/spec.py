@@ -50,6 +50,10 @@ class Spec:
     margin: float = 0.01  # equivalence margin: differences inside +-margin are "equivalent" (TOST)
     param_budget: int | None = None  # LLM LoRA parameters per cell: each target set's rank is derived
     protocol: str = "race"  # race (bench/race.py) or exhaustive: every cell x rate x seed to the end
+    # levels of the data-regime factors (--train-items with several values): each is a TrainSettings
+    # override, run as its own section of the report (bench.runner.SuiteRun.label)
+    regimes: tuple[dict, ...] = ({},)
+    control: tuple[str, ...] | None = None  # control suites / folders for forgetting; None: the model's default
 
     @property
     def settings(self) -> list[TrainSettings]:
@@ -58,7 +62,7 @@ class Spec:
 
     @property
     def n_runs(self) -> int:
-        return len(self.suites) * len(self.cells) * len(self.settings) * len(self.seeds)
+        return len(self.suites) * len(self.regimes) * len(self.cells) * len(self.settings) * len(self.seeds)
 
 
 def _split(value: str | None, cast=str, what: str = "") -> list | None:
@@ -73,7 +77,7 @@ def _split(value: str | None, cast=str, what: str = "") -> list | None:
         raise BenchError(f"--{what} {value!r} has a value that is not a {cast.__name__}; e.g. --{what} {_EXAMPLES[what]}") from None
 
 
-_EXAMPLES = {"objectives": "score,memory", "suite": "docvqa", "targets": "qk,qv", "ranks": "4,16", "vision": "frozen,resampler",
+_EXAMPLES = {"train_items": "250,1000,8000", "control": "shapes", "objectives": "score,memory", "suite": "docvqa", "targets": "qk,qv", "ranks": "4,16", "vision": "frozen,resampler",
              "seeds": "0,1,2", "lrs": "1e-3,3e-3,1e-2"}
 
 
@@ -129,11 +133,16 @@ def from_args(args) -> Spec:
     for lr in lrs:
         if not (math.isfinite(lr) and lr > 0):
             raise BenchError(f"--lrs has a rate that is not positive ({lr:g}): rates must be finite numbers > 0; e.g. --lrs {_EXAMPLES['lrs']}")
+    train_items = _split(str(args.train_items) if args.train_items is not None else None, int, "train_items")
+    regimes: tuple[dict, ...] = ({},)
+    if train_items and len(set(train_items)) > 1:  # a factor: data prepared once at the largest, each level nested in it
+        regimes = tuple({"train_items": n} for n in sorted(set(train_items)))
     overrides = {
         "steps": args.steps,
         "batch_size": args.batch_size,
         "lora_dropout": args.lora_dropout,
-        "train_items": args.train_items,
+        "train_items": max(train_items) if train_items else None,
+        "early_stopping": True if getattr(args, "early_stopping", False) else None,
         "test_items": args.test_items,
         "val_items": getattr(args, "val_items", None),
         "gradient_checkpointing": True if getattr(args, "gradient_checkpointing", False) else None,
@@ -206,6 +215,23 @@ def from_args(args) -> Spec:
         raise BenchError(f"--protocol {protocol!r} is unknown; choose race (default) or exhaustive")
     if search and getattr(args, "protocol", None):
         raise BenchError("--protocol applies to the matrix; --search runs its own trials (drop one of them)")
+    control = None
+    if getattr(args, "control", None) is not None:
+        named = _split(args.control, str, "control")
+        control = () if [n.lower() for n in named] == ["none"] else tuple(dict.fromkeys(named))
+        for name in control:
+            if name.lower() == "none":
+                raise BenchError("--control none turns control scoring off; give it alone, not with other controls")
+            suite_name, _, folder = name.partition("=")
+            if suite_name not in suite_registry.available():
+                raise BenchError(f"--control {name!r} is neither a suite ({', '.join(suite_registry.available())}) nor "
+                                 "SUITE=FOLDER (real data read as that suite); e.g. --control shapes, textvqa=~/data/textvqa, or none")
+            if folder and not Path(folder).expanduser().exists():
+                raise BenchError(f"--control {name}: {folder} does not exist; pass the control data's file or folder")
+            if folder and not suite_registry.get(suite_name).data_formats:
+                raise BenchError(f"--control {name}: suite {suite_name} is generated only and reads no real data; drop the folder")
+    if search and len(regimes) > 1:
+        raise BenchError("--search optimises one data regime; give --train-items a single value (or run the matrix without --search)")
     if train.warmup_steps > train.steps:
         train = dataclasses.replace(train, warmup_steps=max(1, train.steps // 10))
     return Spec(
@@ -235,6 +261,8 @@ def from_args(args) -> Spec:
         margin=margin,
         param_budget=param_budget,
         protocol=protocol,
+        regimes=regimes,
+        control=control,
     )
 
 

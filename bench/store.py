@@ -109,6 +109,12 @@ DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota 
              errno.EFBIG: "file too large for the file size limit"}
 
 
+def current(record: dict | None) -> dict | None:
+    """A record a matrix may resume or table: one of an earlier schema lacks what it chooses on (a
+    validation score), so at the same key the run is made again and its new record replaces that one."""
+    return record if record is not None and record.get("schema", SCHEMA) >= SCHEMA else None
+
+
 class DiskFull(BenchError):
     """A write failed for lack of space: nothing was half-written, and the run is retried on the next start."""
 

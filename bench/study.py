@@ -32,7 +32,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from bench.errors import BenchError
-from bench.store import digest
+from bench.store import current, digest
 
 OBJECTIVES = {"score": "maximize", "memory": "minimize", "throughput": "maximize"}
 HEARTBEAT_S = float(os.environ.get("BENCH_HEARTBEAT_S", 15))
@@ -211,6 +211,8 @@ def study_name(session) -> str:
         "cells": [c.to_dict() for c in spec.cells], "seeds": list(spec.seeds), "train": spec.train.to_dict(),
         "lrs": list(spec.lrs),
     }
+    if len(spec.regimes) > 1:
+        identity["regimes"] = list(spec.regimes)
     if spec.search:
         identity.update(objectives=list(spec.objectives), budget=spec.memory_budget_mib, sampler_seed=spec.sampler_seed,
                         pruner=spec.pruner)
@@ -324,7 +326,7 @@ class Worker:
                 done = {t.user_attrs["run"] for t in trials if t.state == TrialState.PRUNED}
                 for key in sorted(self.todo - busy - done):
                     sr, cell, seed, train, _ = self.runs[key]
-                    self.study.enqueue_trial(self._params(cell, train), user_attrs={"run": key, "suite": sr.suite.name, "seed": seed})
+                    self.study.enqueue_trial(self._params(cell, train), user_attrs={"run": key, "suite": sr.name, "seed": seed})
                 return
             if self.spec.search:  # a dead worker's trial is proposed again, once, with the same params
                 everything = self.study.get_trials(deepcopy=False)
@@ -336,7 +338,7 @@ class Worker:
             for key, (sr, cell, seed, train, _) in self.runs.items():
                 if key not in busy and (initial or key in stale):
                     # a run whose record exists completes at once when pulled, carrying its record
-                    self.study.enqueue_trial(self._params(cell, train), user_attrs={"run": key, "suite": sr.suite.name, "seed": seed})
+                    self.study.enqueue_trial(self._params(cell, train), user_attrs={"run": key, "suite": sr.name, "seed": seed})
 
     def plan_race(self, initial: bool) -> None:
         """Ask bench/race.py what each suite needs next, from the records so far: record the rates
@@ -345,39 +347,39 @@ class Worker:
 
         self.materialize()
         store, spec = self.session.store, self.spec
-        rates = {t.lr: t for t in spec.settings}
         keys = self.session.keys()
         self.todo = set()
         for sr in self.session.suite_runs.values():
-            made_from = (initial, _listing(store.records_dir / sr.suite.name))
-            if self.planned.get(sr.suite.name, (None,))[0] == made_from:
-                p = self.planned[sr.suite.name][1]  # a poll while other workers train: the same records, the same plan
+            rates = {t.lr: t for t in sr.settings(spec)}
+            made_from = (initial, _listing(store.records_dir / sr.name))
+            if self.planned.get(sr.name, (None,))[0] == made_from:
+                p = self.planned[sr.name][1]  # a poll while other workers train: the same records, the same plan
             else:
-                records = [r for r in store.all(sr.suite.name) if r.get("key") in keys[sr.suite.name]]
+                records = [r for r in store.all(sr.name) if r.get("key") in keys[sr.name] and current(r)]
                 if initial:  # a run that failed in an earlier process is tried again, once per process
                     records = [r for r in records if r.get("status") not in ("failed", "oom")]
                 p = race.plan(records, list(spec.cells), sorted(rates), list(spec.seeds), spec.train.steps)
-                self.planned[sr.suite.name] = (made_from, p)
+                self.planned[sr.name] = (made_from, p)
             for job in p.stops:
                 key = sr.key(spec, job.cell, job.seed, rates[job.lr])
-                record = store.get(sr.suite.name, key)
+                record = store.get(sr.name, key)
                 if record is not None and record.get("status") == "paused":
                     store.put({**record, "status": "raced",
                                "error": f"raced out at step {job.until}: its validation score there was not among the cell's best rates"})
-                store.drop_paused(sr.suite.name, key)
+                store.drop_paused(sr.name, key)
             for job in p.jobs:
                 key = sr.key(spec, job.cell, job.seed, rates[job.lr])
                 run_id = key if job.until is None else f"{key}@{job.until}"
                 self.runs[run_id] = (sr, job.cell, job.seed, rates[job.lr], job.until)
                 self.todo.add(run_id)
             for e in p.exits:
-                if (sr.suite.name, e.cell) not in self.seen_exits:
-                    self.seen_exits.add((sr.suite.name, e.cell))
+                if (sr.name, e.cell) not in self.seen_exits:
+                    self.seen_exits.add((sr.name, e.cell))
                     self.progress.console.print(
-                        f"[dim]{sr.suite.name}: {e.cell.name} leaves the race after {e.seeds} seed(s): validation "
+                        f"[dim]{sr.name}: {e.cell.name} leaves the race after {e.seeds} seed(s): validation "
                         f"{e.val[0]:.3f} [{e.val[1]:.3f}, {e.val[2]:.3f}], best {e.best_cell.name} {e.best[0]:.3f} "
                         f"[{e.best[1]:.3f}, {e.best[2]:.3f}][/dim]")
-            self.plans[sr.suite.name] = p
+            self.plans[sr.name] = p
 
     def _show(self) -> None:
         if not self.racing:
@@ -441,7 +443,7 @@ class Worker:
             return
         sr, cell, seed, train, until = self.runs[key]
         leg = f" to step {until}" if until else ""
-        self.progress.update(self.task, info=f"{sr.suite.name}: {cell.name} lr {train.lr:g} seed {seed}{leg}")
+        self.progress.update(self.task, info=f"{sr.name}: {cell.name} lr {train.lr:g} seed {seed}{leg}")
         record = self._run_with_heartbeat(trial, lambda: self.session.run(sr, cell, seed, self.progress, train=train, until=until))
         self._finish(trial, record)
 
@@ -500,7 +502,7 @@ class Worker:
     def loop(self) -> None:
         from optuna.trial import TrialState
 
-        recorded = sum(self.session.store.is_done(sr.suite.name, sr.key(self.spec, cell, seed, train))
+        recorded = sum(self.session.store.is_done(sr.name, sr.key(self.spec, cell, seed, train))
                        for sr, cell, train, seed in self.session.runs())
         if recorded:
             self.progress.console.print(f"[dim]{recorded} of {self.spec.n_runs} runs already recorded in {self.spec.out}; skipping them[/dim]")
@@ -527,7 +529,7 @@ class Worker:
 
     def base(self, sr) -> None:
         """The base model's score, once per study: the first worker's record is everyone's."""
-        attr = f"base:{sr.suite.name}:{sr.base_key()}"
+        attr = f"base:{sr.name}:{sr.base_key()}"
         with _local_lock(Path(self.spec.out)):
             shared = get_payload(self.study.user_attrs, attr)
             if shared is not None:
@@ -541,7 +543,7 @@ class Worker:
         keys = self.session.keys()
         if self.spec.search:
             (sr,) = self.session.suite_runs.values()
-            keys = {sr.suite.name: {sr.base_key()} | {t.user_attrs["run"] for t in self._trials() if not t.user_attrs.get("stale")}}
+            keys = {sr.name: {sr.base_key()} | {t.user_attrs["run"] for t in self._trials() if not t.user_attrs.get("stale")}}
         return keys
 
     # ------------------------------------------------------------------ search
@@ -664,7 +666,7 @@ class Worker:
 
         store = self.session.store
         for sr in self.session.suite_runs.values():  # two machines may have scored the base at once
-            shared = get_payload(self.study.user_attrs, f"base:{sr.suite.name}:{sr.base_key()}")
+            shared = get_payload(self.study.user_attrs, f"base:{sr.name}:{sr.base_key()}")
             if shared is not None:
                 _put_if_changed(store, shared)
         keys = self.session.keys()

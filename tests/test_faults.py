@@ -219,3 +219,24 @@ def test_a_kill_while_an_adapter_folder_is_replaced_leaves_no_half_folder(tmp_pa
     assert [p.name for p in kept] == ["b"] and not first.exists()
     Store(tmp_path).clean_temporaries()  # the next start
     assert [p.name for p in (tmp_path / "adapters" / "s").iterdir()] == ["b"]
+
+
+# The generated data cache lies outside --out (BENCH_CACHE_DIR): a full disk there while a suite is
+# generated is the same one line, and the cache keeps no half-made folder.
+CACHE_FULL = """
+import errno, os
+import bench.suite_data as sd
+def full(folder, *a, **k):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder / "test.jsonl"))
+sd._write_split = full
+"""
+
+
+def test_disk_full_in_the_data_cache_is_one_line(tmp_path):
+    cache = tmp_path / "cache"
+    result = _run(tmp_path / "out", prelude=CACHE_FULL, env={"BENCH_CACHE_DIR": str(cache)})
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert lines[0].startswith("error: cannot write to ") and "no space left" in lines[0].lower(), lines[0]
+    assert not [p for p in cache.rglob("*") if p.is_dir() and p.name.startswith(".")]  # no half-made folder

@@ -243,3 +243,13 @@ def test_a_torn_journal_line_does_not_break_the_study(tmp_path):
     reread = optuna.load_study(study_name="s", storage=make_storage(spec))
     assert [t.system_attrs["fixed_params"]["x"] for t in reread.get_trials(deepcopy=False)] == [1, 2, 3]
     assert (tmp_path / "study.journal").read_bytes().endswith(b"}\n")
+
+
+
+def test_a_record_of_an_earlier_schema_is_not_resumed():
+    """At the same key as a run of this matrix, a schema-1 record (no validation score) is made again:
+    handing it back as done crashed the race on its missing val_score."""
+    from bench.store import SCHEMA, current
+
+    assert current({"schema": 1, "key": "k", "status": "ok"}) is None and current(None) is None
+    assert current({"schema": SCHEMA, "key": "k"}) == {"schema": SCHEMA, "key": "k"}

@@ -68,6 +68,9 @@ class VLMAdapter(ABC):
     family: str
     roles: RoleMap
     keeps_paths = False  # True: training examples hold image paths, opened per batch (large images)
+    # suites the base model already does well (its pretraining's own task): tuned runs are also scored
+    # on them to measure forgetting when --control is not given
+    control_suites: tuple[str, ...] = ()
 
     model: torch.nn.Module
     tokenizer: object

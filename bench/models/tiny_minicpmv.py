@@ -314,6 +314,7 @@ def load_checkpoint(folder: Path) -> tuple[TinyMiniCPMV, PreTrainedTokenizerFast
 class TinyMiniCPMVAdapter(VLMAdapter):
     family = "tiny-minicpmv"
     roles = MINICPMV_ROLES
+    control_suites = ("shapes",)  # held-out scenes of its pretraining (bench/pretrain.py)
 
     def __init__(self, source: Path | None = None):
         self.source = Path(source) if source else ASSET_DIR
