@@ -71,6 +71,7 @@ class TrainSettings:
     test_items: int | None = None
     val_items: int | None = None
     gradient_checkpointing: bool = False  # same numbers, less activation memory, ~30% more compute
+    resolution: int | None = None  # the family's image-resolution knob (adapter.resolution_knob); None: the checkpoint's
 
     def at(self, lr: float) -> "TrainSettings":
         """The same settings at LoRA rate ``lr``, the fully trained parts' rates scaled alike (one
@@ -83,6 +84,8 @@ class TrainSettings:
         out = asdict(self)
         if not self.gradient_checkpointing:  # records made before the option existed keep their keys
             del out["gradient_checkpointing"]
+        if self.resolution is None:  # likewise: the checkpoint's own resolution is what every older run used
+            del out["resolution"]
         return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,7 @@ class Spec:
     margin: float = 0.01  # equivalence margin: differences inside +-margin are "equivalent" (TOST)
     param_budget: int | None = None  # LLM LoRA parameters per cell: each target set's rank is derived
     protocol: str = "race"  # race (bench/race.py) or exhaustive: every cell x rate x seed to the end
+    resolutions: tuple[int | None, ...] = (None,)  # values of the family's resolution knob; None: the checkpoint's own
 
     @property
     def settings(self) -> list[TrainSettings]:
@@ -74,7 +76,29 @@ def _split(value: str | None, cast=str, what: str = "") -> list | None:
 
 
 _EXAMPLES = {"objectives": "score,memory", "suite": "docvqa", "targets": "qk,qv", "ranks": "4,16", "vision": "frozen,resampler",
-             "seeds": "0,1,2", "lrs": "1e-3,3e-3,1e-2"}
+             "seeds": "0,1,2", "lrs": "1e-3,3e-3,1e-2", "resolutions": "200704,802816"}
+
+
+def parse_resolutions(value: str | None) -> tuple[int | None, ...]:
+    """``--resolutions 200704,802816``: values of the model family's resolution knob (whole numbers >= 1;
+    ``default`` is the checkpoint's own setting, None). Whether the family has a knob is the adapter's
+    to say (``set_resolution`` refuses in one line), once the model is known."""
+    if value is None:
+        return (None,)
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    if not parts:
+        raise BenchError(f"--resolutions is empty; give at least one value, e.g. --resolutions {_EXAMPLES['resolutions']}")
+    out = []
+    for part in parts:
+        if part.lower() == "default":
+            out.append(None)
+            continue
+        number = int(part) if re.fullmatch(r"\+?[0-9]+", part) else None
+        if number is None or number < 1:
+            raise BenchError(f"--resolutions has {part!r}: each value must be a whole number >= 1 (the family's knob, "
+                             f"e.g. Qwen-VL max_pixels) or default; e.g. --resolutions {_EXAMPLES['resolutions']}")
+        out.append(number)
+    return tuple(dict.fromkeys(out))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -206,6 +230,7 @@ def from_args(args) -> Spec:
         raise BenchError(f"--protocol {protocol!r} is unknown; choose race (default) or exhaustive")
     if search and getattr(args, "protocol", None):
         raise BenchError("--protocol applies to the matrix; --search runs its own trials (drop one of them)")
+    resolutions = parse_resolutions(getattr(args, "resolutions", None))
     if train.warmup_steps > train.steps:
         train = dataclasses.replace(train, warmup_steps=max(1, train.steps // 10))
     return Spec(
@@ -235,6 +260,7 @@ def from_args(args) -> Spec:
         margin=margin,
         param_budget=param_budget,
         protocol=protocol,
+        resolutions=resolutions,
     )
 
 
