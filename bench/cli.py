@@ -72,6 +72,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-connector", type=flags.positive("3e-4"), help="learning rate of the connector when trained fully, at --lr (default: 0.3 x --lr)")
     p.add_argument("--lr-vision", type=flags.positive("1e-4"), help="learning rate of the vision encoder when trained fully, at --lr (default: 0.1 x --lr)")
     p.add_argument("--lora-dropout", type=flags.fraction(low_open=False, high_open=True, example="0.05"), help="LoRA dropout")
+    p.add_argument("--resolutions", type=flags.resolutions,
+                   help="image resolutions to measure, as values of the model family's own knob (Qwen-VL: max_pixels; "
+                        "Idefics3/SmolVLM: longest_edge; MiniCPM-V: max_slice_nums), e.g. 200704,802816; default = the checkpoint's")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass: same numbers, less memory")
     p.add_argument("--train-items", type=flags.counts("250,1000,8000"), help="training items per suite (generated suites); several "
                    "values make it a factor: the same items nested (the 250 are the first 250 of the 1000), each level its own section")

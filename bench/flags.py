@@ -113,6 +113,12 @@ def rates(text: str) -> str:
                  "a finite number > 0", "1e-3,3e-3,1e-2")
 
 
+def resolutions(text: str) -> str:
+    """Values of the model family's resolution knob (whole numbers >= 1), ``default`` for the checkpoint's own."""
+    return _list(text, lambda p: p if p.lower() == "default" else v if (v := _int(p)) is not None and v >= 1 else None,
+                 "a whole number >= 1 or default", "200704,802816")
+
+
 def alpha_rule(text: str) -> str:
     """``2r`` / ``r`` / ``0.5r`` (a multiple of the rank) or a plain alpha: finite and > 0."""
     body = text.strip()

@@ -5,7 +5,9 @@ weights per targeted linear layer; a fully trained module (``modules_to_save``) 
 of itself; trainable weights get a gradient and AdamW keeps two fp32 moments each. The activation
 term is a model (checked against CUDA ``max_memory_allocated`` only on a GPU): per LLM decoder
 layer, ``ACTIVATION_FACTOR`` hidden-sized tensors per token are kept for the backward pass, plus
-the vision encoder's when any of it trains.
+the vision encoder's per patch when any of it trains. Both token counts depend on the image
+resolution: :func:`estimate_for` reads them off the adapter at its current setting (the LLM sequence
+is the text plus the image's visual tokens; the encoder runs over every tile's or slice's patches).
 """
 
 from __future__ import annotations
@@ -120,8 +122,33 @@ class Shape:
 
 
 def estimate_on(model: torch.nn.Module, roles: RoleMap, cell: Cell, batch_size: int, seq_len: int,
-                vision_tokens: int, bytes_per_param: int) -> MemoryEstimate:
+                vision_tokens: int, bytes_per_param: int | None, gradient_checkpointing: bool = False) -> MemoryEstimate:
     """:func:`estimate` with the shape taken from ``model`` itself (which may live on the meta device)."""
     shape = Shape.of(model, roles)
     return estimate(model, resolve(model, roles, cell), cell, batch_size, seq_len, shape.hidden_size, shape.llm_layers,
-                    vision_tokens, shape.vision_hidden, shape.vision_layers, bytes_per_param)
+                    vision_tokens, shape.vision_hidden, shape.vision_layers, bytes_per_param, gradient_checkpointing)
+
+
+@dataclass(frozen=True)
+class ImageLoad:
+    """What one image costs at the adapter's current resolution: the LLM sequence positions it fills
+    (``visual_tokens``) and the positions the vision encoder runs over (``vision_patches``, every tile
+    or slice, before any merger)."""
+
+    visual_tokens: int
+    vision_patches: int
+
+
+def image_load(adapter, image) -> ImageLoad:
+    """Both counts of ``image`` from the adapter's own processor, at its current resolution."""
+    return ImageLoad(adapter.visual_tokens(image), adapter.vision_patches(image))
+
+
+def estimate_for(adapter, cell: Cell, batch_size: int, text_tokens: int, image, bytes_per_param: int | None = None,
+                 gradient_checkpointing: bool = False) -> MemoryEstimate:
+    """:func:`estimate_on` for one image per sample at the adapter's current resolution
+    (``adapter.set_resolution``): the LLM sequence is ``text_tokens`` plus the image's visual tokens, and
+    the vision encoder's activations scale with its own patch count."""
+    load = image_load(adapter, image)
+    return estimate_on(adapter.skeleton(), adapter.roles, cell, batch_size, text_tokens + load.visual_tokens,
+                       load.vision_patches, bytes_per_param, gradient_checkpointing)

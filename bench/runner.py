@@ -108,7 +108,7 @@ def regime_label(suite: str, regime: dict | None) -> str:
     ``docvqa@res802816`` (image resolution knob); the store folder and report section of that level."""
     if not regime:
         return suite
-    return f"{suite}@" + "-".join(f"{REGIME_TAGS[k]}{v}" for k, v in regime.items())
+    return f"{suite}@" + "-".join(f"{REGIME_TAGS[k]}{v}" for k, v in regime.items() if v is not None)
 
 
 @dataclass
@@ -207,7 +207,9 @@ class Session:
                 identity["processes"] = self.group.size
             for regime in self.spec.regimes:
                 train = dataclasses.replace(self.spec.train, **regime) if regime else None
-                sr = SuiteRun(suite, data_dir, identity, describe(data_dir), train, regime or None)
+                resolution = (train or self.spec.train).resolution
+                own = {**identity, "resolution": resolution} if resolution is not None else identity  # the base model's too
+                sr = SuiteRun(suite, data_dir, own, describe(data_dir), train, regime or None)
                 self.suite_runs[sr.name] = sr
             progress.advance(prep)
         progress.remove_task(prep)
@@ -243,6 +245,7 @@ class Session:
         return keys
 
     def base(self, sr: SuiteRun, progress: Progress) -> dict:
+        self.adapter.set_resolution(sr.reference(self.spec).resolution)
         record = current(self.store.get(sr.name, sr.base_key()))
         if record is None or record.get("status") != "ok":
             progress.console.print(f"[dim]{sr.name}: scoring the base model[/dim]")
@@ -287,10 +290,12 @@ class Session:
         return record
 
     def _execute(self, sr, cell, seed, progress, train, on_val, fractions, until, paused, on_pause=None) -> dict:
-        if self._examples is None or self._examples[0] != sr.suite.name:  # the regimes of a suite share them
+        resolution = sr.reference(self.spec).resolution
+        self.adapter.set_resolution(resolution)  # training, validation, test and controls all at the run's
+        if self._examples is None or self._examples[0] != (sr.suite.name, resolution):  # sizes of a suite share them
             self._examples = None  # free the previous suite's examples first
             self.vision_cache.clear()
-            self._examples = (sr.suite.name, encode_split(self.adapter, sr.suite, sr.data_dir, "train"))
+            self._examples = ((sr.suite.name, resolution), encode_split(self.adapter, sr.suite, sr.data_dir, "train"))
         if cell not in self.resolutions:
             self.resolutions[cell] = resolve(self.adapter.model, self.adapter.roles, cell)
         examples = self._examples[1]

@@ -74,6 +74,7 @@ class TrainSettings:
     # validation-based stopping: validation every tenth of training, and the best checkpoint's weights
     # are the ones scored on test (a run cannot be blamed for over-fitting it could have stopped before)
     early_stopping: bool = False
+    resolution: int | None = None  # the family's image-resolution knob (adapter.resolution_knob); None: the checkpoint's
 
     def at(self, lr: float) -> "TrainSettings":
         """The same settings at LoRA rate ``lr``, the fully trained parts' rates scaled alike (one
@@ -87,6 +88,8 @@ class TrainSettings:
         for flag in ("gradient_checkpointing", "early_stopping"):
             if not out[flag]:  # records made before the option existed keep their keys
                 del out[flag]
+        if self.resolution is None:  # likewise: the checkpoint's own resolution is what every older run used
+            del out["resolution"]
         return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,7 @@ class Spec:
     # override, run as its own section of the report (bench.runner.SuiteRun.label)
     regimes: tuple[dict, ...] = ({},)
     control: tuple[str, ...] | None = None  # control suites / folders for forgetting; None: the model's default
+    resolutions: tuple[int | None, ...] = (None,)  # values of the family's resolution knob; None: the checkpoint's own
 
     @property
     def settings(self) -> list[TrainSettings]:
@@ -78,7 +80,30 @@ def _split(value: str | None, cast=str, what: str = "") -> list | None:
 
 
 _EXAMPLES = {"train_items": "250,1000,8000", "control": "shapes", "objectives": "score,memory", "suite": "docvqa", "targets": "qk,qv", "ranks": "4,16", "vision": "frozen,resampler",
-             "seeds": "0,1,2", "lrs": "1e-3,3e-3,1e-2"}
+             "seeds": "0,1,2", "lrs": "1e-3,3e-3,1e-2", "resolutions": "200704,802816"}
+
+
+
+def parse_resolutions(value: str | None) -> tuple[int | None, ...]:
+    """``--resolutions 200704,802816``: values of the model family's resolution knob (whole numbers >= 1;
+    ``default`` is the checkpoint's own setting, None). Whether the family has a knob is the adapter's
+    to say (``set_resolution`` refuses in one line), once the model is known."""
+    if value is None:
+        return (None,)
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    if not parts:
+        raise BenchError(f"--resolutions is empty; give at least one value, e.g. --resolutions {_EXAMPLES['resolutions']}")
+    out = []
+    for part in parts:
+        if part.lower() == "default":
+            out.append(None)
+            continue
+        number = int(part) if re.fullmatch(r"\+?[0-9]+", part) else None
+        if number is None or number < 1:
+            raise BenchError(f"--resolutions has {part!r}: each value must be a whole number >= 1 (the family's knob, "
+                             f"e.g. Qwen-VL max_pixels) or default; e.g. --resolutions {_EXAMPLES['resolutions']}")
+        out.append(number)
+    return tuple(dict.fromkeys(out))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -232,6 +257,13 @@ def from_args(args) -> Spec:
                 raise BenchError(f"--control {name}: suite {suite_name} is generated only and reads no real data; drop the folder")
     if search and len(regimes) > 1:
         raise BenchError("--search optimises one data regime; give --train-items a single value (or run the matrix without --search)")
+    resolutions = parse_resolutions(getattr(args, "resolutions", None))
+    if len(resolutions) == 1 and resolutions[0] is not None:  # one setting: every run at it, no factor
+        train = dataclasses.replace(train, resolution=resolutions[0])
+    elif len(resolutions) > 1:  # a factor: crossed with the training-set sizes, each level its own section
+        if search:
+            raise BenchError("--search optimises one data regime; give --resolutions a single value (or run the matrix without --search)")
+        regimes = tuple({**r, **({"resolution": res} if res is not None else {})} for r in regimes for res in resolutions)
     if train.warmup_steps > train.steps:
         train = dataclasses.replace(train, warmup_steps=max(1, train.steps // 10))
     return Spec(
@@ -263,6 +295,7 @@ def from_args(args) -> Spec:
         protocol=protocol,
         regimes=regimes,
         control=control,
+        resolutions=resolutions,
     )
 
 

@@ -194,6 +194,21 @@ def test_memory_estimate_from_the_config_alone_equals_the_loaded_model(checkpoin
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_visual_tokens_are_the_image_placeholders_of_a_prompt(adapters, name):
+    """Every family counts the image positions of its own prompts (the memory model's sequence length)
+    and its vision encoder's patches; the count is the training batch's own."""
+    from PIL import Image
+
+    adapter = adapters[name]
+    image = Image.new("RGB", (96, 64), (200, 30, 30))
+    tokens = adapter.visual_tokens(image)
+    batch = adapter.train_batch([adapter.example("What colour is it?", image, "red")], torch.device("cpu"))
+    assert 0 < tokens == int((batch["input_ids"] == adapter._image_token_id()).sum())
+    assert adapter.vision_patches(image) > 0
+    assert (adapter.resolution_knob is not None) == (FAMILIES[name].resolution is not None)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_vision_features_are_the_family_s_own_encoder_per_image(adapters, name):
     """--similarity/--recommend embed images in the user's model: pooled states of its own vision
     encoder after its own preprocessing; an image's features do not depend on its batch."""

@@ -33,6 +33,7 @@ FLAGS = {
     "--ranks": (["0", "-4", "abc", "4,nan", "4,2.5", "inf"], ">= 1"),
     "--seeds": (["-1", "abc", "1.5", "0,nan", "4294967296"], "[0, 4294967295]"),
     "--lrs": (["0", "-1e-3", "abc", "nan", "1e-3,inf"], "> 0"),
+    "--resolutions": (["0", "-4", "abc", "2.5", "200704,nan", "inf"], ">= 1"),
     "--alpha": (["0", "-2", "nan", "inf", "abc", "0r", "nanr", "-1r", "infr"], "> 0"),
     "--memory-budget": (["0GiB", "-1GiB", "abc", "nanGiB", "infGiB", "16XB", "0"], "> 0"),
 }
@@ -62,9 +63,10 @@ def test_good_values_still_parse():
         "--trials", "3", "--step-budget", "30", "--param-budget", "20000", "--seq-len", "512", "--samples", "10",
         "--sampler-seed", "0", "--lr", "1e-3", "--lr-connector", "3e-4", "--lr-vision", "1e-4", "--min-throughput", "0.5",
         "--lora-dropout", "0", "--equivalence-margin", "0.02", "--ranks", "4,16", "--seeds", "0,1", "--lrs", "1e-3,3e-3",
-        "--alpha", "16", "--memory-budget", "1.5GB"])
+        "--alpha", "16", "--memory-budget", "1.5GB", "--resolutions", "200704,default"])
     assert (args.steps, args.trials, args.samples, args.lr, args.lora_dropout) == (4, 3, 10, 1e-3, 0.0)
     assert (args.ranks, args.seeds, args.lrs, args.alpha, args.memory_budget) == ("4,16", "0,1", "1e-3,3e-3", "16", "1.5GB")
+    assert args.resolutions == "200704,default"
     for alpha in ("2r", "r", "0.5r", "8"):
         assert parser().parse_args(["--alpha", alpha]).alpha == alpha
 

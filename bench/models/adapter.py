@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench.errors import BenchError
+
 
 @dataclass(frozen=True)
 class RoleMap:
@@ -202,6 +204,36 @@ class VLMAdapter(ABC):
     def image_tokens(self) -> int | None:
         """Vision-encoder tokens per image at the model's native resolution, when that is fixed."""
         return None
+
+    # ------------------------------------------------------------ image resolution
+    # Families with dynamic resolution expose their own knob (Qwen-VL: max_pixels; Idefics3 / SmolVLM:
+    # longest_edge; MiniCPM-V: max_slice_nums). The setting applies to every later batch, training and
+    # evaluation alike, until it is set again; None is the checkpoint's own default.
+    resolution_knob: str | None = None
+    resolution: int | None = None  # the knob's value now; None: the checkpoint's default
+
+    def set_resolution(self, value: int | None) -> None:
+        """Set the family's resolution knob for every later batch (None: the checkpoint's default)."""
+        if value is None:
+            self.resolution = None
+            return
+        from bench.models.hf import resolution_families
+
+        raise BenchError(f"{self.display_name()} has no image-resolution knob; --resolutions applies to {resolution_families()}")
+
+    def default_resolution(self) -> int | None:
+        """The checkpoint's own value of :attr:`resolution_knob` (None for families without one)."""
+        return None
+
+    def visual_tokens(self, image) -> int:
+        """LLM sequence positions one image fills at the current resolution (the image placeholders the
+        processor expands, summed over tiles or slices; not the surrounding marker tokens)."""
+        raise NotImplementedError(f"{type(self).__name__} does not count its visual tokens")
+
+    def vision_patches(self, image) -> int:
+        """Positions the vision encoder runs over for one image at the current resolution (patches of
+        every tile or slice, before any merger). By default the fixed count of :meth:`image_tokens`."""
+        return self.image_tokens() or 0
 
     def pretraining_reference(self, n: int, seed: int) -> list[Image.Image] | None:
         """``n`` images drawn like the model's pretraining data, when the family can make them (the

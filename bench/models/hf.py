@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import inspect
 import json
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +36,40 @@ def _roles(vision: str, connector: str, llm_layer: str, vision_linear: str) -> R
 
 
 @dataclass(frozen=True)
+class Knob:
+    """A family's own image-resolution setting, held by its image processor.
+
+    ``name`` is what the family calls it (the values ``--resolutions`` takes); it is the processor's
+    ``size[key]`` when ``key`` is given, else its attribute ``name``. ``at_most``: a ``size`` key that is
+    lowered to the knob when above it (Qwen's min_pixels would otherwise outrank a smaller max_pixels on
+    small images). ``needs``: the processor flag without which the knob changes nothing (Idefics3 /
+    SmolVLM resize to longest_edge only to cut tiles; MiniCPM-V slices only in slice mode). ``minimum``:
+    the smallest value that means something, read off the processor."""
+
+    name: str
+    key: str | None = None
+    at_most: str | None = None
+    needs: str | None = None
+    minimum: Callable[[object], int] | None = None
+
+
+# Qwen2-VL / 2.5-VL / 3-VL: the image is resized to at most max_pixels pixels, in whole merged patches
+MAX_PIXELS = Knob("max_pixels", key="longest_edge", at_most="shortest_edge",
+                  minimum=lambda ip: (ip.patch_size * ip.merge_size) ** 2)
+# Idefics3 / SmolVLM: the longest edge is resized to longest_edge, then cut into max_image_size tiles (+ a global view)
+LONGEST_EDGE = Knob("longest_edge", key="longest_edge", needs="do_image_splitting")
+# MiniCPM-V: a global view plus up to max_slice_nums slices of about scale_resolution^2 pixels
+MAX_SLICE_NUMS = Knob("max_slice_nums", needs="slice_mode")
+
+
+@dataclass(frozen=True)
 class Family:
     roles: RoleMap
     nested_images: bool = False  # the processor wants one list of images per sample (SmolVLM, Gemma 3, Mllama)
     suffix_labels: bool = False  # the processor builds prompt + answer + labels itself from ``suffix`` (PaliGemma)
     template_bos: bool = False  # the chat template renders <bos> itself: the tokenizer must not add another (Gemma 3)
     string_answer: bool = False  # the chat template prints the assistant's content as is: give it a string (GLM-4.1V)
+    resolution: Knob | None = None  # the family's image-resolution knob, for families with dynamic resolution
 
 
 _CLIP_LIKE = {"vision": "model.vision_tower", "connector": "model.multi_modal_projector"}
@@ -60,16 +89,18 @@ _MINICPM = RoleMap(vision="model.vision_tower", connector="model.merger", llm_la
 # vision MLP uses gate/up/down_proj too: the LLM patterns are anchored on the decoder layers.
 FAMILIES: dict[str, Family] = {
     "qwen2_vl": Family(_roles("model.visual", "model.visual.merger", LANGUAGE_LAYER,
-                              r"model\.visual\.blocks\.\d+\.(?:attn\.(?:qkv|proj)|mlp\.fc[12])")),
+                              r"model\.visual\.blocks\.\d+\.(?:attn\.(?:qkv|proj)|mlp\.fc[12])"), resolution=MAX_PIXELS),
     "qwen2_5_vl": Family(_roles("model.visual", "model.visual.merger", LANGUAGE_LAYER,
-                                r"model\.visual\.blocks\.\d+\.(?:attn\.(?:qkv|proj)|mlp\.(?:gate|up|down)_proj)")),
+                                r"model\.visual\.blocks\.\d+\.(?:attn\.(?:qkv|proj)|mlp\.(?:gate|up|down)_proj)"),
+                         resolution=MAX_PIXELS),
     "llava": Family(_roles(**_CLIP_LIKE, llm_layer=LANGUAGE_LAYER, vision_linear=r"model\.vision_tower" + ENCODER_LINEAR)),
     "llava_onevision": Family(_roles(**_CLIP_LIKE, llm_layer=LANGUAGE_LAYER, vision_linear=r"model\.vision_tower" + ENCODER_LINEAR)),
     "paligemma": Family(_roles(**_CLIP_LIKE, llm_layer=LANGUAGE_LAYER, vision_linear=r"model\.vision_tower" + ENCODER_LINEAR),
                         suffix_labels=True),
-    "idefics3": Family(_roles("model.vision_model", "model.connector", TEXT_LAYER, r"model\.vision_model" + ENCODER_LINEAR)),
+    "idefics3": Family(_roles("model.vision_model", "model.connector", TEXT_LAYER, r"model\.vision_model" + ENCODER_LINEAR),
+                       resolution=LONGEST_EDGE),
     "smolvlm": Family(_roles("model.vision_model", "model.connector", TEXT_LAYER, r"model\.vision_model" + ENCODER_LINEAR),
-                      nested_images=True),
+                      nested_images=True, resolution=LONGEST_EDGE),
     "gemma3": Family(_roles(**_CLIP_LIKE, llm_layer=LANGUAGE_LAYER, vision_linear=r"model\.vision_tower" + ENCODER_LINEAR),
                      nested_images=True, template_bos=True),
     "internvl": Family(_roles(**_CLIP_LIKE, llm_layer=LANGUAGE_LAYER, vision_linear=r"model\.vision_tower" + INTERN_VIT_LINEAR)),
@@ -83,17 +114,30 @@ FAMILIES: dict[str, Family] = {
     # Qwen3-VL's DeepStack mergers (model.visual.deepstack_merger_list) have no module path in common with
     # model.visual.merger but the tower: they count as vision encoder (trained fully by resampler+vpm only)
     "qwen3_vl": Family(_roles("model.visual", "model.visual.merger", LANGUAGE_LAYER,
-                              r"model\.visual\.blocks\.\d+\.(?:attn\.(?:qkv|proj)|mlp\.linear_fc[12])")),
+                              r"model\.visual\.blocks\.\d+\.(?:attn\.(?:qkv|proj)|mlp\.linear_fc[12])"),
+                       resolution=MAX_PIXELS),
     # GLM-4.1V's LLM MLP is one fused gate_up_proj: LoRA on it stands for both gate and up
     "glm4v": Family(RoleMap(vision="model.visual", connector="model.visual.merger", llm_layer=LANGUAGE_LAYER,
                             attention=dict(ATTENTION), mlp={"gate": "mlp.gate_up_proj", "up": "mlp.gate_up_proj",
                                                             "down": "mlp.down_proj"},
                             vision_linear=r"model\.visual\.blocks\.\d+\.(?:attn\.(?:qkv|proj)|mlp\.(?:gate|up|down)_proj)"),
                     string_answer=True),
-    "minicpmv4_6": Family(_MINICPM),
-    "minicpmv4_7": Family(_MINICPM),
-    "minicpm_ocr": Family(_MINICPM),
+    "minicpmv4_6": Family(_MINICPM, resolution=MAX_SLICE_NUMS),
+    "minicpmv4_7": Family(_MINICPM, resolution=MAX_SLICE_NUMS),
+    "minicpm_ocr": Family(_MINICPM, resolution=MAX_SLICE_NUMS),
 }
+
+
+def resolution_families() -> str:
+    """The families with an image-resolution knob, and its name: for one-line errors."""
+    from bench.models.minicpmv import OpenBMBAdapter
+
+    by_knob: dict[str, list[str]] = {}
+    for model_type, family in FAMILIES.items():
+        if family.resolution is not None:
+            by_knob.setdefault(family.resolution.name, []).append(model_type)
+    by_knob.setdefault(OpenBMBAdapter.resolution_knob, []).append("OpenBMB's minicpmv")
+    return "; ".join(f"{knob} ({', '.join(types)})" for knob, types in by_knob.items())
 
 
 @dataclass
@@ -115,30 +159,141 @@ class HFAdapter(VLMAdapter):
         self.family = self.model_type
         self.spec = FAMILIES[self.model_type]
         self.roles = self.spec.roles
+        self.resolution_knob = self.spec.resolution.name if self.spec.resolution else None
+        self.resolution = None
+        self.processor = None
+
+    def _cannot_load(self, exc: Exception) -> BenchError:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return BenchError(f"cannot load {self.model_type} checkpoint {self.source} ({first}); "
+                          "point --model at a complete local checkpoint folder (config, weights, processor files)")
 
     def load(self, device: torch.device) -> None:
         import transformers
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-        from transformers.processing_utils import ProcessorMixin
+        from transformers import AutoModelForImageTextToText
 
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()  # our own progress bars report the work
-        register_image_only_processors()
         dtype = self._load_dtype(device)
         try:
             model = AutoModelForImageTextToText.from_pretrained(self.source, dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise self._cannot_load(exc) from None
+        self._load_processor()
+        self.model = model.to(device).eval()
+        self._forward_keys = set(inspect.signature(self.model.forward).parameters)
+
+    def _load_processor(self) -> None:
+        """The checkpoint's processor (once: a resolution set before :meth:`load` stays on it). Counting
+        visual tokens needs it alone, so a checkpoint's tokens can be counted without its weights."""
+        if self.processor is not None:
+            return
+        import transformers
+        from transformers import AutoProcessor
+        from transformers.processing_utils import ProcessorMixin
+
+        transformers.logging.set_verbosity_error()
+        register_image_only_processors()
+        try:
             processor = AutoProcessor.from_pretrained(self.source)
         except (OSError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise BenchError(f"cannot load {self.model_type} checkpoint {self.source} ({first}); "
-                             "point --model at a complete local checkpoint folder (config, weights, processor files)") from None
+            raise self._cannot_load(exc) from None
         if not isinstance(processor, ProcessorMixin):
             raise BenchError(f"{self.source} has no image processor (AutoProcessor gave a {type(processor).__name__}); "
                              "save the checkpoint's processor next to its weights")
-        self.model = model.to(device).eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
-        self._forward_keys = set(inspect.signature(self.model.forward).parameters)
+        knob = self.spec.resolution
+        if knob is not None:  # the checkpoint's own setting, restored by set_resolution(None)
+            image_processor = processor.image_processor
+            self._knob_saved = image_processor.size if knob.key else getattr(image_processor, knob.name)
+
+    # ---------------------------------------------------------------- resolution
+    def default_resolution(self) -> int | None:
+        knob = self.spec.resolution
+        if knob is None:
+            return None
+        self._load_processor()
+        value = _size_get(self._knob_saved, knob.key) if knob.key else self._knob_saved
+        return None if value is None else int(value)
+
+    def set_resolution(self, value: int | None) -> None:
+        """Set the family's knob on its image processor, for every later batch (training, evaluation and
+        vision features all go through it); None puts the checkpoint's own setting back."""
+        knob = self.spec.resolution
+        if knob is None:
+            super().set_resolution(value)
+            return
+        self._load_processor()
+        image_processor = self.processor.image_processor
+        if value is None:
+            if knob.key:
+                image_processor.size = self._knob_saved
+            else:
+                setattr(image_processor, knob.name, self._knob_saved)
+            self.resolution = None
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise BenchError(f"{knob.name} must be a whole number >= 1 (got {value!r})")
+        if knob.needs and not getattr(image_processor, knob.needs, False):
+            raise BenchError(f"{self.source}'s image processor has {knob.needs} off, so {knob.name} changes nothing; "
+                             f"drop --resolutions for this checkpoint (or turn {knob.needs} on in its processor config)")
+        low = knob.minimum(image_processor) if knob.minimum else 1
+        if value < low:
+            raise BenchError(f"{knob.name} {value} is below one merged patch of {self.model_type} ({low} pixels): "
+                             f"give at least {low}")
+        if knob.key:
+            changes = {knob.key: value}
+            floor = _size_get(self._knob_saved, knob.at_most) if knob.at_most else None
+            if floor is not None and floor > value:
+                changes[knob.at_most] = value
+            image_processor.size = _size_with(self._knob_saved, changes)
+        else:
+            setattr(image_processor, knob.name, value)
+        self.resolution = value
+
+    def _one_image(self, image) -> dict:
+        """The processor's output for a prompt holding one image, at the current resolution."""
+        self._load_processor()
+        return self.processor(text=[self.encode_prompt("?")], images=self._images([image]), return_tensors="pt",
+                              **self._specials())
+
+    def _image_token_id(self) -> int:
+        token_id = getattr(self.processor, "image_token_id", None)
+        if token_id is None and getattr(self.processor, "image_token", None) is not None:
+            token_id = self.tokenizer.convert_tokens_to_ids(self.processor.image_token)
+        if token_id is None:
+            config = json.loads((self.source / "config.json").read_text())
+            token_id = config.get("image_token_id", config.get("image_token_index"))
+        if token_id is None:
+            raise BenchError(f"{self.source}: cannot tell which token holds the image (no image_token_id in the processor or config)")
+        return int(token_id)
+
+    def visual_tokens(self, image) -> int:
+        """The image tokens the processor puts in the prompt for one image (every tile, slice or merged
+        patch), at the current resolution."""
+        return int((self._one_image(image)["input_ids"] == self._image_token_id()).sum())
+
+    def vision_patches(self, image) -> int:
+        """Patches the vision encoder runs over for one image at the current resolution, from the
+        processor's output: Qwen/GLM's ``image_grid_thw``, MiniCPM-V's per-slice ``target_sizes``, else
+        tiles x (side / patch)^2 of the pixel tensor."""
+        out = self._one_image(image)
+        if "image_grid_thw" in out:
+            return int(out["image_grid_thw"].prod(-1).sum())
+        if "target_sizes" in out:
+            return int(out["target_sizes"].prod(-1).sum())
+        pixels = out.get("pixel_values")
+        vision = getattr(self.skeleton().config, "vision_config", None)
+        patch = getattr(vision, "patch_size", None)
+        patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+        if not torch.is_tensor(pixels) or not isinstance(patch, int) or pixels.dim() < 4:
+            return self.image_tokens() or 0
+        if "aspect_ratio_mask" in out:  # Mllama: [batch, images, tiles, C, H, W], unused tiles masked
+            tiles = int(out["aspect_ratio_mask"].sum())
+        else:  # [images or tiles, C, H, W], or [batch, tiles, C, H, W]
+            tiles = int(np.prod(pixels.shape[:-3]))
+        return tiles * (pixels.shape[-2] // patch) * (pixels.shape[-1] // patch)
 
     def skeleton(self) -> torch.nn.Module:
         from transformers import AutoConfig, AutoModelForImageTextToText
@@ -295,6 +450,18 @@ class HFAdapter(VLMAdapter):
             for h in handles:
                 h.remove()
         return {label: torch.stack(rows) for label, rows in out.items()}
+
+
+def _size_get(size, key: str):
+    """A key of an image processor's ``size`` (a SizeDict or a plain dict); None when absent."""
+    return size.get(key) if size is not None else None
+
+
+def _size_with(size, changes: dict):
+    """``size`` with ``changes``, of the same kind (a new SizeDict or dict; the original is kept)."""
+    if isinstance(size, dict):
+        return {**size, **changes}
+    return replace(size, **changes)
 
 
 def _encoder_layers(vision: torch.nn.Module) -> torch.nn.ModuleList:

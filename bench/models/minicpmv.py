@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -119,11 +119,30 @@ class OpenBMBAdapter(VLMAdapter):
     roles = MINICPMV_ROLES
     keeps_paths = True  # slices are cut per batch from the original image
     loads_bf16_on_cuda = True
+    resolution_knob = "max_slice_nums"
 
     def __init__(self, source: Path, trust_remote_code: bool = False):
         self.source = Path(source)
         self.trust_remote_code = trust_remote_code
         self.fixes: list[str] = []
+        self.resolution = None
+        try:  # the slicing is known from config.json alone: visual tokens can be counted before loading
+            self._read_geometry(json.loads((self.source / "config.json").read_text()))
+        except (OSError, ValueError, TypeError, KeyError):
+            self.geometry = self._default_geometry = None  # attach() reads it from the loaded model's config
+
+    def _read_geometry(self, config) -> None:
+        slices = _setting(config, "slice_config", None) or {}
+        self.query_num = int(_setting(config, "query_num", None))
+        self._default_geometry = SliceGeometry(
+            patch_size=int(_setting(slices, "patch_size", None) or _setting(config, "patch_size", None)),
+            scale_resolution=int(_setting(slices, "scale_resolution", 448)),
+            max_slice_nums=int(_setting(slices, "max_slice_nums", 9)),
+        )
+        self.geometry = self._geometry_at(self.resolution)
+
+    def _geometry_at(self, value: int | None) -> SliceGeometry:
+        return self._default_geometry if value is None else replace(self._default_geometry, max_slice_nums=value)
 
     def display_name(self) -> str:
         return f"{self.family} ({self.source}, OpenBMB format)"
@@ -154,13 +173,7 @@ class OpenBMBAdapter(VLMAdapter):
             raise BenchError(f"{self.source} feeds whole images to its vision encoder (batch_vision_input false, MiniCPM-V 2.0 style); "
                              "only the patch-batched format of 2.6 / 4.0 / 4.5 is built")
         self.model, self.tokenizer = model, tokenizer
-        slices = getattr(config, "slice_config", None) or {}
-        self.query_num = int(config.query_num)
-        self.geometry = SliceGeometry(
-            patch_size=int(_setting(slices, "patch_size", None) or config.patch_size),
-            scale_resolution=int(_setting(slices, "scale_resolution", 448)),
-            max_slice_nums=int(_setting(slices, "max_slice_nums", 9)),
-        )
+        self._read_geometry(config)  # the loaded config is authoritative; a resolution set earlier stays
         tok = tokenizer
         names = {"im_start": "<image>", "im_end": "</image>", "slice_start": "<slice>", "slice_end": "</slice>",
                  "im_id_start": "<image_id>", "im_id_end": "</image_id>"}
@@ -200,6 +213,35 @@ class OpenBMBAdapter(VLMAdapter):
                 raise BenchError(f"cannot build MiniCPM-V checkpoint {self.source}'s model from its config ({_first_line(exc)}); "
                                  "point --model at a complete local folder") from None
         return self._skeleton
+
+    # ---------------------------------------------------------------- resolution
+    def _need_geometry(self) -> None:
+        if self._default_geometry is None:
+            raise BenchError(f"{self.source}: config.json lacks query_num / slice_config; load the model first")
+
+    def default_resolution(self) -> int:
+        self._need_geometry()
+        return self._default_geometry.max_slice_nums
+
+    def set_resolution(self, value: int | None) -> None:
+        """``max_slice_nums`` for every later batch: the whole image plus up to that many slices
+        (None: the checkpoint's ``slice_config``)."""
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise BenchError(f"max_slice_nums must be a whole number >= 1 (got {value!r})")
+        self._need_geometry()
+        self.resolution = value
+        self.geometry = self._geometry_at(value)
+
+    def visual_tokens(self, image) -> int:
+        """``query_num`` resampler outputs for the whole image and for each slice."""
+        self._need_geometry()
+        return len(self.slices(image).images) * self.query_num
+
+    def vision_patches(self, image) -> int:
+        """Patches of the whole image and of every slice, as the vision encoder sees them (tgt_sizes)."""
+        self._need_geometry()
+        patch = self.geometry.patch_size
+        return sum((im.height // patch) * (im.width // patch) for im in self.slices(image).images)
 
     # ---------------------------------------------------------------- text
     def encode_prompt(self, prompt: str) -> str:

@@ -360,6 +360,12 @@ class TinyMiniCPMVAdapter(VLMAdapter):
         config = self.skeleton().config
         return (config.image_size // config.patch_size) ** 2
 
+    def visual_tokens(self, image=None) -> int:
+        """The placeholder slots of the prompt's image prefix (fixed: every image is resized to one size)."""
+        if getattr(self, "model", None) is None:
+            self.load(torch.device("cpu"))
+        return self._image_prefix.count(self.model.image_pad_id)
+
     def pretraining_reference(self, n: int, seed: int) -> list[Image.Image]:
         """Scenes from the pretraining generator, at seeds the recipe and the shapes suite never used."""
         from suites.shapes.generate import generate

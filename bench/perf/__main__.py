@@ -10,6 +10,7 @@ assembled from all sections present (so one benchmark can be rerun without the o
     python -m bench.perf --only overheads        # side by side: training, generation, lm-eval, smoke matrix (~12 min)
     python -m bench.perf --only phases           # the default cells at one rate and seed under cProfile, in phases (~18 min)
     python -m bench.perf --only default-matrix   # the default matrix, one process vs a process per cell (~40 min a repetition)
+    python -m bench.perf --only resolution       # a tiny Qwen2-VL trained at three max_pixels: memory, samples/s, visual tokens (~1 min)
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-RUNNABLE = ["racing", "default-command", "packing", "dropout", "generation", "overheads", "phases", "default-matrix"]
+RUNNABLE = ["racing", "default-command", "packing", "dropout", "generation", "overheads", "phases", "default-matrix",
+            "resolution"]
 ORDER = [*RUNNABLE, "phases-before"]  # phases-before: kept from before the fixes, not rerun
 TITLE = """# Performance: side-by-side measurements
 
@@ -83,6 +85,10 @@ def run(name: str, reps: int, matrix_reps: int) -> str:
         from bench.perf.overheads import default_matrix_section
 
         return default_matrix_section(matrix_reps)
+    if name == "resolution":
+        from bench.perf.resolution import section
+
+        return section()
     raise ValueError(name)  # main() checks names first
 
 

@@ -9,7 +9,8 @@
 2. Racing on the device: a raced smoke matrix against the exhaustive one; resumed runs must be the
    uninterrupted runs (the CUDA random state is saved and restored at the pause).
    Then every transformers-native family's tiny checkpoint through a short smoke matrix, and two
-   data-parallel processes against one (needs two GPUs; skipped on one).
+   data-parallel processes against one (needs two GPUs; skipped on one). The tiny Qwen2-VL trained at three
+   ``max_pixels`` settings (bench/perf/resolution.py): CUDA peak beside the memory model at each resolution.
 3. Packed runs (bench/packing.py): K = 4 runs packed against the same runs one after another, on the embedded
    model through the harness (seeds; learning rates) and one step on the ~1B model below (goals 0.4 and 0.7).
 4. One LoRA training step timed on a synthetic ~1B-parameter Qwen2-VL (random weights, bf16; LoRA
@@ -185,6 +186,19 @@ def memory_check(model: str, out: Path, device_type: str) -> dict:
     return {"ok": bool(rows), "comparable": device_type == "cuda", "cells": rows, "within_10pct": f"{sum(within)} of {len(within)}"}
 
 
+def resolution_check(folder: Path, device: torch.device, dry: bool) -> dict:
+    """The tiny Qwen2-VL trained at three max_pixels settings (bench/perf/resolution.py): on CUDA the
+    measured peak allocated memory beside the memory model's estimate at each resolution."""
+    from bench.perf.resolution import measure
+
+    try:
+        rows = measure(folder, device, resolutions=(4096, 16384) if dry else (16384, 50176, 102400), steps=1 if dry else 3)
+    except Exception as exc:  # reported, and the check goes on
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+    keep = ("max_pixels", "cell", "visual_tokens", "vision_patches", "measured_mib", "estimate_mib", "samples_per_s", "figure")
+    return {"ok": True, "rows": [{k: r[k] for k in keep} for r in rows]}
+
+
 def synthetic_qwen2_vl(dry: bool):
     """A random Qwen2-VL: ~1.0B parameters (or a toy on --cpu-dry-run)."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
@@ -314,6 +328,7 @@ def main(argv=None) -> int:
         report["memory_model_tiny_minicpmv"] = memory_check("tiny-minicpmv", args.out / "smoke-tiny-minicpmv", device.type)
         report["memory_model_tiny_qwen2_vl"] = memory_check(str(Path(tmp) / "qwen2_vl"), args.out / "smoke-tiny-qwen2-vl", device.type)
         report["families"] = families_check(Path(tmp), args.out, device.type)
+        report["resolution"] = resolution_check(Path(tmp) / "qwen2_vl", device, args.cpu_dry_run)
     report["data_parallel"] = data_parallel_check(args.out, args.cpu_dry_run)
     report["race_vs_exhaustive"] = race_check(args.out, device.type)
     report["packing"] = packing_check(args.cpu_dry_run, device)
@@ -341,6 +356,10 @@ def main(argv=None) -> int:
     r = report["families"]
     lines.append("- every transformers-native family, smoke (qv x frozen, vpm-lora; 16 items): " + ", ".join(
         f"{name} {'ok' if x['ok'] else 'FAILED ' + '; '.join(map(str, x['errors']))} ({x['wall_s']} s)" for name, x in r["families"].items()))
+    r = report["resolution"]
+    lines.append("- image resolution, tiny Qwen2-VL, measured / estimated MiB per max_pixels and cell: " + (
+        ", ".join(f"{x['max_pixels']} {x['cell']} ({x['visual_tokens']} visual tokens) {x['measured_mib'] or 0:.0f}/{x['estimate_mib']:.0f}"
+                  for x in r["rows"]) + f" ({r['rows'][0]['figure']})" if r.get("ok") else f"error: {r.get('error')}"))
     r = report["data_parallel"]
     lines.append("- data parallel, 2 processes vs 1, raced smoke (2 cells x 3 rates x 2 seeds, dropout 0): "
                  + (f"skipped: {r['skipped']}" if r.get("skipped") else f"error: {r['error']}" if r.get("error") else
