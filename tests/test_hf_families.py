@@ -155,6 +155,23 @@ def test_smoke_matrix_through_model_folder(checkpoints, tmp_path, name, capsys):
     assert "LoRA on" in capsys.readouterr().out  # the resolution is reported before training
 
 
+def test_resolution_factor_runs_each_level_as_its_own_section(checkpoints, tmp_path, capsys):
+    """--resolutions a,b on a dynamic-resolution family: a section per level, the base model scored at
+    each, every run's settings naming its level (and the visual tokens really differing)."""
+    from bench.cli import main
+
+    out = tmp_path / "res"
+    code = main(["--suite", "docvqa", "--preset", "smoke", "--targets", "qv", "--vision", "frozen", "--steps", "2",
+                 "--limit", "16", "--resolutions", "16384,50176", "--model", str(checkpoints / "qwen2_vl"), "--out", str(out)])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    assert {p.name for p in (out / "records").iterdir()} == {"docvqa@res16384", "docvqa@res50176"}
+    records = [read_record(p) for p in record_files(out / "records")]
+    cells = {r["regime"]["resolution"]: r for r in records if r["kind"] == "cell"}
+    assert {k: r["train"]["resolution"] for k, r in cells.items()} == {16384: 16384, 50176: 50176}
+    bases = [r for r in records if r["kind"] == "base"]
+    assert len({r["key"] for r in bases}) == 2  # the base model at each resolution is its own record
+
+
 def test_model_folder_from_the_command_line(checkpoints, tmp_path):
     out = tmp_path / "cli"
     result = run_cli("--suite", "docvqa", "--preset", "smoke", "--targets", "qk", "--vision", "resampler+vpm",
