@@ -93,7 +93,7 @@ def test_train_items_factor_control_scores_and_early_stopping_end_to_end(tmp_pat
     cells = df[df.kind == "cell"]
     assert sorted(set(cells.train_items)) == [48, 96] and len(cells) == 4
     assert set(df.control_suite) == {"shapes"} and cells.control_score.notna().all()
-    assert (cells.forgetting == cells.base_control_score - cells.control_score).all()
+    assert ((cells.forgetting - (cells.base_control_score - cells.control_score)).abs() < 1e-5).all()  # CSV keeps 6 digits
     assert cells.stopped_at.between(1, 4).all()
     recs = [read_record(p) for p in record_files(out / "records")]
     for r in (r for r in recs if r["kind"] == "cell"):
