@@ -209,7 +209,10 @@ class Session:
                 train = dataclasses.replace(self.spec.train, **regime) if regime else None
                 resolution = (train or self.spec.train).resolution
                 own = {**identity, "resolution": resolution} if resolution is not None else identity  # the base model's too
-                sr = SuiteRun(suite, data_dir, own, describe(data_dir), train, regime or None)
+                source = describe(data_dir)
+                if regime.get("train_items"):
+                    source += f"; this section trains on the first {regime['train_items']} training items"
+                sr = SuiteRun(suite, data_dir, own, source, train, regime or None)
                 self.suite_runs[sr.name] = sr
             progress.advance(prep)
         progress.remove_task(prep)
