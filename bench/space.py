@@ -71,7 +71,7 @@ class TrainSettings:
     test_items: int | None = None
     val_items: int | None = None
     gradient_checkpointing: bool = False  # same numbers, less activation memory, ~30% more compute
-    # validation-based stopping: validation every tenth of training, and the best checkpoint's weights
+    # validation-based stopping: validation at 10, 20, 30, 50 and 75% of training, and the best checkpoint's weights
     # are the ones scored on test (a run cannot be blamed for over-fitting it could have stopped before)
     early_stopping: bool = False
     resolution: int | None = None  # the family's image-resolution knob (adapter.resolution_knob); None: the checkpoint's

@@ -97,7 +97,7 @@ def test_train_items_factor_control_scores_and_early_stopping_end_to_end(tmp_pat
     assert cells.stopped_at.between(1, 4).all()
     recs = [read_record(p) for p in record_files(out / "records")]
     for r in (r for r in recs if r["kind"] == "cell"):
-        assert [s for s, _ in r["val_curve"]][:3] == [1, 2, 3]  # validation every tenth of training (rounded)
+        assert [s for s, _ in r["val_curve"]] == [1, 2, 3, 4]  # 10/20/30/50/75% of 4 steps, rounded, and the end
         assert r["val_score"] == max(v for _, v in r["val_curve"])  # the best checkpoint is the one scored
         assert len(r["control"]["shapes"]["items"]) == 48  # the control follows --test-items when fewer
     md = (out / "results.md").read_text()
