@@ -19,7 +19,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 from bench import flags
 from bench.errors import BenchError
-from bench.space import PRESETS, TARGET_SETS, VISION_POLICIES
+from bench.space import PRESETS, TARGET_SETS, VARIANTS, VISION_POLICIES
 
 EPILOG = """examples:
   python run_bench.py --suite docvqa                      # default: 5 target sets x 4 vision policies x 3 rates x 3 seeds, raced
@@ -27,6 +27,7 @@ EPILOG = """examples:
   python run_bench.py --suite docvqa --preset smoke       # a first look in under a minute
   python run_bench.py --suite docvqa --targets qk,qv --ranks 4,16 --vision frozen,resampler --seeds 0,1,2 --lrs 1e-3,3e-3
   python run_bench.py --suite docvqa --param-budget 20000  # target sets compared at equal LoRA parameter counts
+  python run_bench.py --suite docvqa --targets qv --vision frozen --variants lora,dora,rslora,pissa,loraplus   # LoRA variants
   python run_bench.py --suite docvqa --search optuna --trials 20 --memory-budget 16GiB    # multi-objective search
   python run_bench.py --suite docvqa --search optuna --objectives score --trials 12      # single objective, with pruning
   python run_bench.py --suite textvqa --data ~/data/textvqa --limit 2000   # a real dataset instead of the generator
@@ -52,7 +53,7 @@ class _Parser(argparse.ArgumentParser):
 def parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="run_bench.py",
-        description="LoRA ablation benchmark for vision-language models: target sets x ranks x vision policies.",
+        description="LoRA ablation benchmark for vision-language models: target sets x ranks x vision policies x LoRA variants.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -63,6 +64,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ranks", type=flags.ranks, help="LoRA ranks, e.g. 4,16")
     p.add_argument("--alpha", default="2r", type=flags.alpha_rule, help="alpha rule: 2r (alpha=2*rank, default), r, or a number")
     p.add_argument("--vision", help=f"vision policies: {', '.join(VISION_POLICIES)}")
+    p.add_argument("--variants", help=f"LoRA variants, each a factor level of the matrix: {', '.join(VARIANTS)} (default: lora)")
     p.add_argument("--seeds", type=flags.seeds, help="seeds, e.g. 0,1,2")
     p.add_argument("--steps", type=flags.count(1, "200"), help="optimizer steps per run (same for every cell)")
     p.add_argument("--batch-size", type=flags.count(1, "8"), help="training batch size")
@@ -116,7 +118,7 @@ def parser() -> argparse.ArgumentParser:
                    "peak training memory on, at --batch-size (default 8) x --seq-len; --memory-budget then applies to the estimates")
     p.add_argument("--seq-len", type=flags.count(1, "1024"), help="--recommend --estimate-for: tokens per training sequence, image tokens included (default 1024)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    p.add_argument("--list", action="store_true", help="list suites, presets, target sets and vision policies, then exit")
+    p.add_argument("--list", action="store_true", help="list suites, presets, target sets, vision policies and LoRA variants, then exit")
     return p
 
 
@@ -130,6 +132,8 @@ def list_choices() -> None:
         print(f"target set {name}: {', '.join(roles)}")
     for name, about in VISION_POLICIES.items():
         print(f"vision policy {name}: {about}")
+    for name, about in VARIANTS.items():
+        print(f"LoRA variant {name}: {about}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,13 +1,15 @@
 """Peak training memory of a cell, estimated before (or instead of) running it.
 
 The parameter-side terms are exact arithmetic on the base model: LoRA adds ``r * (in + out)``
-weights per targeted linear layer; a fully trained module (``modules_to_save``) adds a trainable copy
+weights per targeted linear layer (DoRA also a magnitude vector of ``out`` weights; the other LoRA
+variants none); a fully trained module (``modules_to_save``) adds a trainable copy
 of itself; trainable weights get a gradient and AdamW keeps two fp32 moments each. The activation
 term is a model (checked against CUDA ``max_memory_allocated`` only on a GPU): per LLM decoder
 layer, ``ACTIVATION_FACTOR`` hidden-sized tensors per token are kept for the backward pass, plus
 the vision encoder's per patch when any of it trains. Both token counts depend on the image
 resolution: :func:`estimate_for` reads them off the adapter at its current setting (the LLM sequence
-is the text plus the image's visual tokens; the encoder runs over every tile's or slice's patches).
+is the text plus the image's visual tokens; the encoder runs over every tile's or slice's patches). The LoRA variants are not told apart there (DoRA also
+keeps each targeted layer's base output, and builds its weight norm from a full-size matrix per step).
 """
 
 from __future__ import annotations
@@ -70,10 +72,12 @@ def train_state(model: torch.nn.Module, resolution: Resolution, cell: Cell, weig
     for name in resolution.lora:
         layer = modules[name]
         lora += cell.rank * (layer.in_features + layer.out_features)
+        if cell.variant == "dora":  # peft's lora_magnitude_vector: one trained magnitude per output feature
+            lora += layer.out_features
     copies = sum(p.numel() for name in resolution.full for p in modules[name].parameters())
     base = sum(p.numel() for p in model.parameters())
     size = weight_bytes_per_param or _element_size(model)
-    # peft keeps LoRA weights in fp32 over a 16-bit base (autocast_adapter_dtype); copies keep the
+    # peft keeps LoRA weights (DoRA's magnitudes too) in fp32 over a 16-bit base (autocast_adapter_dtype); copies keep the
     # base's dtype. Gradients and AdamW's two moments take their parameter's dtype.
     lora_size = max(size, 4)
     grads = lora * lora_size + copies * size

@@ -81,6 +81,8 @@ def pack(model: torch.nn.Module, resolution: Resolution, cell: Cell, dropout: fl
     if cell.vision != "frozen" or resolution.full:
         raise BenchError(f"packed runs need a frozen vision encoder and LoRA in the LLM only; cell {cell.name} trains "
                          f"{', '.join(resolution.full) or 'LoRA in the vision encoder'}")
+    if cell.variant not in ("lora", "rslora"):  # rslora only changes the scaling, read from peft below
+        raise BenchError(f"packed runs implement plain LoRA (and rsLoRA's scaling); cell {cell.name} is {cell.variant}")
     if not seeds:
         raise BenchError("packed runs need at least one run")
     inits: list[dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = []

@@ -91,8 +91,7 @@ def _lookup(records: list[dict]) -> dict:
     for r in records:
         if r.get("kind") != "cell" or not r.get("cell"):
             continue
-        c = r["cell"]
-        out[(Cell(c["targets"], int(c["rank"]), float(c["alpha"]), c["vision"]), float(r["train"]["lr"]), r["seed"])] = r
+        out[(Cell.from_dict(r["cell"]), float(r["train"]["lr"]), r["seed"])] = r
     return out
 
 

@@ -38,7 +38,7 @@ from bench.similarity import Comparison
 
 MIN_GAIN = 0.01  # one point: a smaller gain does not pay for more memory or less throughput
 POLICY_ORDER = ("frozen", "resampler", "vpm-lora", "resampler+vpm", "minicpmv-recipe")
-CONFIG = ["targets", "rank", "alpha", "vision"]  # a cell; its learning rate is each suite's own choice
+CONFIG = ["targets", "rank", "alpha", "vision", "variant"]  # a cell; its learning rate is each suite's own choice
 RATES = ["lr", "lr_connector", "lr_vision", "lora_dropout"]
 
 
@@ -143,8 +143,8 @@ def _evidence(suite: str, data: str, cells: list[dict], base: dict | None, memor
     controls = {name: entry["score"] for name, entry in ((base or {}).get("control") or {}).items()}
     rows = []
     for c in v.cells:
-        _, targets, rank, alpha, vision = c.key
-        rows.append({"targets": targets, "rank": rank, "alpha": alpha, "vision": vision,
+        _, targets, rank, alpha, vision, variant = c.key
+        rows.append({"targets": targets, "rank": rank, "alpha": alpha, "vision": vision, "variant": variant,
                      **dict(zip(RATES, c.setting)), "val": c.val, "score": c.test, "seeds": c.seeds,
                      "mem_mib": _mean(memory.mib(r) for r in c.runs), "train_samples_per_s": c.mean("train_samples_per_s"),
                      "forgetting": _forgetting(c.runs, controls)})
@@ -382,7 +382,7 @@ def estimate_memory(target: MemoryTarget, skeleton: torch.nn.Module, roles, conf
 
     out = {}
     for _, row in configs.iterrows():
-        cell = Cell(row["targets"], int(row["rank"]), float(row["alpha"]), row["vision"])
+        cell = Cell(row["targets"], int(row["rank"]), float(row["alpha"]), row["vision"], row["variant"])
         out[_key(row)] = estimate_on(skeleton, roles, cell, target.batch_size, target.seq_len, target.image_tokens,
                                      target.bytes_per_param)
     return out
@@ -398,6 +398,8 @@ def _gib(nbytes: float) -> str:
 
 def name(config) -> str:
     text = f"{config['targets']} r{config['rank']} (alpha {config['alpha']:g}) + {config['vision']}"
+    if config.get("variant", "lora") != "lora":
+        text += f", {config['variant']}"
     if "lr" in config and not pd.isna(config["lr"]):
         text += f", lr {config['lr']:.2g}"
         if config["vision"] != "frozen":

@@ -24,8 +24,8 @@ from bench.machine import one_line
 from bench.stats import MARGIN
 from bench.store import atomic_write_bytes, atomic_write_text
 
-FACTORS = {"target_set": "target set", "rank": "rank", "vision_policy": "vision policy"}
-CELL_COLUMNS = ["target_set", "rank", "alpha", "vision_policy"]
+FACTORS = {"target_set": "target set", "rank": "rank", "vision_policy": "vision policy", "variant": "LoRA variant"}
+CELL_COLUMNS = ["target_set", "rank", "alpha", "vision_policy", "variant"]
 
 
 def frame(records: list[dict]) -> pd.DataFrame:
@@ -51,6 +51,7 @@ def frame(records: list[dict]) -> pd.DataFrame:
             "rank": cell.get("rank", 0),
             "alpha": cell.get("alpha", 0.0),
             "vision_policy": cell.get("vision", "base"),
+            "variant": cell.get("variant", "lora") if cell else "base",
             "lr": train.get("lr"),
             "lr_connector": train.get("lr_connector"),
             "lr_vision": train.get("lr_vision"),
@@ -86,7 +87,7 @@ def frame(records: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if df.empty:
         return df
-    return df.sort_values(["suite", "kind", "target_set", "rank", "alpha", "vision_policy", "lr", "seed"],
+    return df.sort_values(["suite", "kind", "target_set", "rank", "alpha", "vision_policy", "variant", "lr", "seed"],
                           kind="stable", na_position="first").reset_index(drop=True)
 
 
@@ -112,11 +113,11 @@ def cells_frame(v: verdicts.SuiteVerdict, memory: memory_figures.Figure | None =
     memory = memory or memory_figures.measured([r for c in v.cells for r in c.runs])
     rows = []
     for c in v.cells:
-        _, targets, rank, alpha, vision = c.key
+        _, targets, rank, alpha, vision, variant = c.key
         test = v.test.interval(c.key) if v.test is not None and c.key in v.test.keys else (c.test, math.nan, math.nan)
         val = v.val.interval(c.key) if v.val is not None and c.key in v.val.keys else (c.val, math.nan, math.nan)
         rows.append({
-            "target_set": targets, "rank": rank, "alpha": alpha, "vision_policy": vision, "lr": c.lr, "edge": c.edge,
+            "target_set": targets, "rank": rank, "alpha": alpha, "vision_policy": vision, "variant": variant, "lr": c.lr, "edge": c.edge,
             "seeds": c.seeds, "val": val[0], "val_low": val[1], "val_high": val[2], "in_best_set": c.key in v.best_set,
             "test": test[0], "test_low": test[1], "test_high": test[2],
             "plateaued": c.plateaued[0], "curves": c.plateaued[1],
@@ -136,7 +137,7 @@ def main_effects(cells: pd.DataFrame, factor: str) -> pd.DataFrame:
     return table.sort_values("mean", ascending=False).reset_index(drop=True)
 
 
-INTERACTIONS = (("target_set", "vision_policy"), ("rank", "target_set"))
+INTERACTIONS = (("target_set", "vision_policy"), ("rank", "target_set"), ("target_set", "variant"), ("rank", "variant"))
 
 
 def two_way(cells: pd.DataFrame, rows: str, cols: str) -> pd.DataFrame:
@@ -201,7 +202,8 @@ def _rate(lr: float, edge: bool) -> str:
 
 def _cell_name(row) -> str:
     # Item access, not attributes: ``row.rank`` is pandas' Series.rank method.
-    return f"{row['target_set']}-r{row['rank']}-a{row['alpha']:g}-{row['vision_policy']}"
+    variant = row.get("variant", "lora")
+    return f"{row['target_set']}-r{row['rank']}-a{row['alpha']:g}-{row['vision_policy']}" + ("" if variant == "lora" else f"-{variant}")
 
 
 def _span(values) -> str:
@@ -397,26 +399,37 @@ def markdown(records: list[dict], command: str, settings: dict, margin: float = 
 
 
 def terminal_table(judged: dict[str, verdicts.SuiteVerdict], records: list[dict], console: Console) -> None:
-    """Fits 80 columns: cell, chosen rate, validation (chosen on), test with its interval."""
+    """Fits 80 columns: cell, chosen rate, validation (chosen on), test with its interval. With LoRA
+    variants, a variant column, shorter headers, and the vision policy is the column that gives way."""
     bases = verdicts.base_scores(records)
     for suite, v in judged.items():
         metric = next(r["metric"] for r in records if r["suite"] == suite)
         memory = memory_figures.measured([r for c in v.cells for r in c.runs])
         cells = cells_frame(v, memory)
-        table = Table(title=f"{suite}: {metric}, best on validation first (* = in the 95% best set; MiB = {memory.header})",
-                      box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-        for col in ("targets", "r", "vision", "lr", "seeds", "val", "test", "±95%", "MiB", "samp/s"):
-            table.add_column(col, justify="left" if col in ("targets", "vision") else "right", no_wrap=True,
-                             min_width={"vision": 13}.get(col))
-        for i, row in enumerate(cells.itertuples()):
+        variants = set(cells.variant) != {"lora"}  # a column only when a variant other than plain LoRA ran
+        columns = ("set", "r", "vision", "variant", "lr", "n") if variants else ("targets", "r", "vision", "lr", "seeds")
+        columns += ("val", "test", "±95%", "MiB", "samp/s")
+        rows = []
+        for row in cells.itertuples():
             half = "" if math.isnan(row.test_low) else f"{(row.test_high - row.test_low) / 2:.3f}"
-            table.add_row(row.target_set, str(row.rank), row.vision_policy, f"{row.lr:.0e}" + ("!" if row.edge else ""),
-                          str(row.seeds), f"{row.val:.3f}" + ("*" if row.in_best_set else " "), f"{row.test:.3f}", half,
-                          _mib(row.memory_mib), f"{row.train_samples_per_s:.0f}", style="bold green" if i == 0 else None)
+            rows.append([row.target_set, str(row.rank), row.vision_policy, *((row.variant,) if variants else ()),
+                         f"{row.lr:.0e}" + ("!" if row.edge else ""), str(row.seeds),
+                         f"{row.val:.3f}" + ("*" if row.in_best_set else " "), f"{row.test:.3f}", half,
+                         _mib(row.memory_mib), f"{row.train_samples_per_s:.0f}"])
         base = bases.get(suite, (None, None))
         if base[1] is not None:
             val = "" if base[0] is None else f"{base[0]:.3f} "
-            table.add_row("(base)", "", "", "", "", val, f"{base[1]:.3f}", "", "", "", style="dim")
+            label = ["", "", "(base)", ""] if variants else ["(base)", "", ""]  # variants: "set" stays 4 wide
+            rows.append([*label, "", "", val, f"{base[1]:.3f}", "", "", ""])
+        table = Table(title=f"{suite}: {metric}, best on validation first (* = in the 95% best set; MiB = {memory.header}"
+                            + ("; n = seeds)" if variants else ")"), box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        for k, col in enumerate(columns):
+            natural = max(len(col), *(len(r[k]) for r in rows)) if rows else len(col)
+            table.add_column(col, justify="left" if col in ("targets", "set", "vision", "variant") else "right", no_wrap=True,
+                             min_width=(13 if not variants else None) if col == "vision" else natural)
+        for i, row in enumerate(rows):
+            base_row = base[1] is not None and i == len(rows) - 1
+            table.add_row(*row, style="dim" if base_row else "bold green" if i == 0 else None)
         console.print(table)
 
 
@@ -573,7 +586,7 @@ def search_markdown(study, spec) -> str:
         p = t.params
         feasible = all(v <= 0 for v in t.constraints.values()) if t.constraints else True
         rows.append({"trial": t.number, "state": t.state.name.lower(), "targets": p.get("targets"), "rank": p.get("rank"),
-                     "vision": p.get("vision"), "lr": p.get("lr"), "alpha/r": p.get("alpha_ratio"), "dropout": p.get("lora_dropout"),
+                     "vision": p.get("vision"), **({"variant": p.get("variant")} if "variant" in p else {}), "lr": p.get("lr"), "alpha/r": p.get("alpha_ratio"), "dropout": p.get("lora_dropout"),
                      **{OBJECTIVE_LABELS[o]: (t.values[i] if t.values else None) for i, o in enumerate(spec.objectives)},
                      "test score": _test_score(t),
                      "steps": t.user_attrs.get("steps_trained"), "feasible": "yes" if feasible else "no"})

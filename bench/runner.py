@@ -377,7 +377,7 @@ def with_budget_ranks(spec: Spec, adapter) -> Spec:
     from bench.space import alpha_for
 
     ranks = ranks_for_budget(adapter.model, adapter.roles, sorted({c.targets for c in spec.cells}), spec.param_budget)
-    cells = tuple(dict.fromkeys(Cell(c.targets, ranks[c.targets], alpha_for(ranks[c.targets], spec.alpha_rule), c.vision)
+    cells = tuple(dict.fromkeys(Cell(c.targets, ranks[c.targets], alpha_for(ranks[c.targets], spec.alpha_rule), c.vision, c.variant)
                                 for c in spec.cells))
     return dataclasses.replace(spec, cells=cells)
 
@@ -401,6 +401,11 @@ def _print_plan(console, spec: Spec, adapter, resolutions, processes: int = 1) -
     if spec.param_budget is not None:
         ranks = ", ".join(f"{t} r{r}" for t, r in dict.fromkeys((c.targets, c.rank) for c in spec.cells))
         console.print(f"[dim]  --param-budget {spec.param_budget:,}: {ranks}[/dim]")
+    variants = list(dict.fromkeys(c.variant for c in spec.cells))
+    if variants != ["lora"]:
+        from bench.space import VARIANTS
+
+        console.print("[dim]  LoRA variants: " + "; ".join(f"{v} ({VARIANTS[v]})" for v in variants) + "[/dim]")
     seen = set()
     for cell, res in resolutions.items():
         key = (cell.targets, cell.vision)

@@ -1,4 +1,4 @@
-"""The ablation space: LoRA target sets x ranks x alpha rule x vision policies (x seeds), and presets.
+"""The ablation space: LoRA target sets x ranks x alpha rule x vision policies x LoRA variants (x seeds), and presets.
 
 A *cell* is one configuration; a *run* is a cell trained with one seed on one suite. Target sets are
 named LLM roles, resolved to module names per model family by its :class:`~bench.models.adapter.RoleMap`.
@@ -31,6 +31,18 @@ VISION_POLICIES: dict[str, str] = {
 # Policies every family has; a preset's matrix uses these (a family's own recipe is asked for by name).
 GENERIC_POLICIES: tuple[str, ...] = ("frozen", "resampler", "resampler+vpm", "vpm-lora")
 
+# LoRA variants, each through peft (bench.train.attach / bench.train.make_optimizer); "lora" is plain LoRA.
+VARIANTS: dict[str, str] = {
+    "lora": "plain LoRA (the default)",
+    "dora": "DoRA: weight-decomposed LoRA, a trained magnitude per output feature of each targeted layer (peft use_dora)",
+    "rslora": "rank-stabilised LoRA: scaling alpha/sqrt(r) instead of alpha/r (peft use_rslora)",
+    "pissa": "PiSSA: A and B start from each targeted weight's top-r singular vectors, the base keeps the residual "
+             "(peft init_lora_weights='pissa', full SVD)",
+    "loraplus": "LoRA+: the B matrices at 16 x the A matrices' learning rate (peft create_loraplus_optimizer)",
+}
+DEFAULT_VARIANT = "lora"
+LORAPLUS_LR_RATIO = 16.0  # LoRA+: B's rate over A's (the LoRA+ paper's recommended ratio; peft's loraplus_lr_ratio)
+
 
 @dataclass(frozen=True, order=True)
 class Cell:
@@ -38,13 +50,23 @@ class Cell:
     rank: int
     alpha: float
     vision: str
+    variant: str = DEFAULT_VARIANT
 
     @property
     def name(self) -> str:
-        return f"{self.targets}-r{self.rank}-a{self.alpha:g}-{self.vision}"
+        suffix = "" if self.variant == DEFAULT_VARIANT else f"-{self.variant}"
+        return f"{self.targets}-r{self.rank}-a{self.alpha:g}-{self.vision}{suffix}"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if self.variant == DEFAULT_VARIANT:  # plain LoRA's records keep the keys they had before variants existed
+            del out["variant"]
+        return out
+
+    @classmethod
+    def from_dict(cls, c: dict) -> "Cell":
+        """The cell of a record's ``cell`` dict (records of plain LoRA carry no variant)."""
+        return cls(c["targets"], int(c["rank"]), float(c["alpha"]), c["vision"], c.get("variant", DEFAULT_VARIANT))
 
 
 @dataclass(frozen=True)
@@ -116,6 +138,7 @@ class Preset:
     lrs: tuple[float, ...]  # the LoRA learning rates every cell is run at (its best on validation is reported)
     train: TrainSettings
     about: str
+    variants: tuple[str, ...] = (DEFAULT_VARIANT,)
 
 
 PRESETS: dict[str, Preset] = {
@@ -173,8 +196,9 @@ def alpha_for(rank: int, rule: str) -> float:
     return value
 
 
-def build_cells(targets, ranks, vision, alpha_rule: str = "2r") -> list[Cell]:
-    for name, values in (("targets", targets), ("ranks", ranks), ("vision", vision)):
+def build_cells(targets, ranks, vision, alpha_rule: str = "2r", variants=(DEFAULT_VARIANT,)) -> list[Cell]:
+    """The matrix: target sets x ranks x vision policies x LoRA variants, duplicates dropped, in that order."""
+    for name, values in (("targets", targets), ("ranks", ranks), ("vision", vision), ("variants", variants)):
         if not values:
             raise BenchError(f"--{name} is empty; give at least one value")
     for t in targets:
@@ -183,11 +207,15 @@ def build_cells(targets, ranks, vision, alpha_rule: str = "2r") -> list[Cell]:
     for v in vision:
         if v not in VISION_POLICIES:
             raise BenchError(f"unknown vision policy {v!r}; choose from {', '.join(VISION_POLICIES)}")
+    for v in variants:
+        if v not in VARIANTS:
+            raise BenchError(f"unknown LoRA variant {v!r}; choose from {', '.join(VARIANTS)}")
     for r in ranks:
         if r <= 0:
             raise BenchError(f"rank {r} is not positive; LoRA ranks must be >= 1")
     cells = [
-        Cell(t, r, alpha_for(r, alpha_rule), v)
-        for t, r, v in itertools.product(dict.fromkeys(targets), dict.fromkeys(ranks), dict.fromkeys(vision))
+        Cell(t, r, alpha_for(r, alpha_rule), v, variant)
+        for t, r, v, variant in itertools.product(dict.fromkeys(targets), dict.fromkeys(ranks), dict.fromkeys(vision),
+                                                  dict.fromkeys(variants))
     ]
     return cells

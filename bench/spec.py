@@ -80,7 +80,7 @@ def _split(value: str | None, cast=str, what: str = "") -> list | None:
 
 
 _EXAMPLES = {"train_items": "250,1000,8000", "control": "shapes", "objectives": "score,memory", "suite": "docvqa", "targets": "qk,qv", "ranks": "4,16", "vision": "frozen,resampler",
-             "seeds": "0,1,2", "lrs": "1e-3,3e-3,1e-2", "resolutions": "200704,802816"}
+             "variants": "lora,dora", "seeds": "0,1,2", "lrs": "1e-3,3e-3,1e-2", "resolutions": "200704,802816"}
 
 
 
@@ -132,6 +132,7 @@ def from_args(args) -> Spec:
     targets = _split(args.targets, str, "targets") or list(preset.targets)
     ranks = _split(args.ranks, int, "ranks") or list(preset.ranks)
     vision = _split(args.vision, str, "vision") or list(preset.vision)
+    variants = _split(getattr(args, "variants", None), str, "variants") or list(preset.variants)
     seeds = _split(args.seeds, int, "seeds") or list(preset.seeds)
     for s in seeds:
         if not 0 <= s <= SEED_MAX:
@@ -143,7 +144,7 @@ def from_args(args) -> Spec:
         if param_budget <= 0:
             raise BenchError(f"--param-budget must be a positive number of LoRA parameters (got {param_budget})")
         ranks = [1]  # placeholder: the session derives each target set's rank on the loaded model
-    cells = build_cells(targets, ranks, vision, args.alpha)
+    cells = build_cells(targets, ranks, vision, args.alpha, variants)
     train = preset.train
     for flag in ("lr", "lr_connector", "lr_vision"):
         value = getattr(args, flag, None)

@@ -393,16 +393,25 @@ class Worker:
         self.progress.update(self.task, total=max(expected, spent, 1), completed=spent,
                              info=f"{'; '.join(parts)} ({spent / max(exhaustive, 1):.0%} of exhaustive)")
 
-    def _params(self, cell, train) -> dict:
-        return {"targets": cell.targets, "rank": cell.rank, "vision": cell.vision, "lr": train.lr}
+    def _variants(self) -> list[str]:
+        return sorted({c.variant for c in self.spec.cells})
 
-    def _suggest(self, trial) -> tuple[str, int, str]:
+    def _params(self, cell, train) -> dict:
+        params = {"targets": cell.targets, "rank": cell.rank, "vision": cell.vision, "lr": train.lr}
+        if len(self._variants()) > 1:  # a factor only when it varies (a plain-LoRA study keeps its params)
+            params["variant"] = cell.variant
+        return params
+
+    def _suggest(self, trial) -> tuple[str, int, str, str]:
         """The cell's factors as the trial's params (enqueued values in the matrix, the sampler's in a
-        search); params feed importance and the dashboard."""
+        search); params feed importance and the dashboard. The LoRA variant is a categorical only when
+        more than one is given."""
         spec = self.spec
+        variants = self._variants()
         return (trial.suggest_categorical("targets", sorted({c.targets for c in spec.cells})),
                 trial.suggest_categorical("rank", sorted({c.rank for c in spec.cells})),
-                trial.suggest_categorical("vision", sorted({c.vision for c in spec.cells})))
+                trial.suggest_categorical("vision", sorted({c.vision for c in spec.cells})),
+                trial.suggest_categorical("variant", variants) if len(variants) > 1 else variants[0])
 
     # ------------------------------------------------------------------ loop
 
@@ -556,11 +565,11 @@ class Worker:
         from bench.space import Cell
 
         spec = self.spec
-        targets, rank, vision = self._suggest(trial)
+        targets, rank, vision, variant = self._suggest(trial)
         lr = trial.suggest_float("lr", spec.train.lr / 10, spec.train.lr * 10, log=True)
         alpha_ratio = trial.suggest_float("alpha_ratio", 0.5, 4.0, log=True)
         dropout = trial.suggest_float("lora_dropout", 0.0, 0.2)
-        cell = Cell(targets, rank, round(alpha_ratio * rank, 3), vision)
+        cell = Cell(targets, rank, round(alpha_ratio * rank, 3), vision, variant)
         return cell, dataclasses.replace(spec.train.at(lr), lora_dropout=dropout)
 
     def _pruning_hook(self, trial, sr):

@@ -4,6 +4,21 @@ The base model is loaded once per process. Each run wraps it with peft (LoRA on 
 modules; the vision policy's fully trained modules as ``modules_to_save``, which peft trains as
 copies) and afterwards deletes the adapter before unloading. ``unload()`` alone would leave the
 *trained* ``modules_to_save`` copies in the base model and leak them into the next run.
+
+The cell's LoRA variant (bench.space.VARIANTS) is peft's own: ``dora`` (``use_dora``), ``rslora``
+(``use_rslora``), ``pissa`` (``init_lora_weights="pissa"``) and ``loraplus`` (B matrices at a higher rate,
+peft's ``create_loraplus_optimizer``: :func:`make_optimizer`). PiSSA subtracts each targeted weight's
+principal part from the base weight itself; :func:`attach` keeps a CPU copy of those weights and
+:func:`detach` puts them back, so the next run starts from the untouched base.
+
+PiSSA uses the full SVD (peft's ``"pissa"``), not peft's fast ``"pissa_niter_N"``: on the embedded
+model (weights of at most 256x128) a run's SVDs take well under a second. On a real checkpoint on CPU
+they cost seconds per large matrix (measured on 2 busy cores: 5.5 s for a 1536x1536 weight, 5.5-9.4 s
+for 4864x1536; from these, a 2B model's ``all`` set would take some 20 minutes per run), while
+``pissa_niter_16`` was only about 3x faster and, on a weight with a slowly decaying spectrum, its rank-8
+part differed from the SVD's by 83% (relative Frobenius norm): it would benchmark an approximation.
+Not measured on a GPU. Being deterministic, the full SVD also lets a saved PiSSA adapter load onto the
+untouched base with ``PeftModel.from_pretrained`` (peft repeats the SVD there; tested).
 """
 
 from __future__ import annotations
@@ -20,9 +35,21 @@ from bench.errors import BenchError
 from bench.measure import PeakMemory, Stopwatch, count_parameters
 from bench.models.adapter import Example, RoleMap
 from bench.parallel import Group
-from bench.space import TARGET_SETS, Cell, TrainSettings
+from bench.space import LORAPLUS_LR_RATIO, TARGET_SETS, Cell, TrainSettings
 
 ADAPTER = "default"
+
+# Each variant's LoraConfig fields (loraplus is plain LoRA with another optimizer: :func:`make_optimizer`).
+VARIANT_CONFIG: dict[str, dict] = {
+    "lora": {},
+    "dora": {"use_dora": True},
+    "rslora": {"use_rslora": True},
+    "pissa": {"init_lora_weights": "pissa"},
+    "loraplus": {},
+}
+MODIFIES_BASE = ("pissa",)  # variants whose initialisation rewrites the targeted base weights
+CELL_ATTR = "bench_cell"  # the attached cell, on the peft model (its variant decides the optimizer)
+BASE_COPY_ATTR = "bench_base_weights"  # PiSSA: the targeted layers' original weights, restored by detach
 
 
 class Diverged(RuntimeError):
@@ -112,7 +139,39 @@ def param_groups(model: torch.nn.Module, roles: RoleMap, settings: TrainSettings
     return [{"params": params, "lr": rates[part], "part": part} for part, params in groups.items() if params]
 
 
+def make_optimizer(model: torch.nn.Module, roles: RoleMap, settings: TrainSettings) -> torch.optim.Optimizer:
+    """AdamW over :func:`param_groups`; for a ``loraplus`` cell (read off the model :func:`attach` made)
+    the LoRA group is split by peft's ``create_loraplus_optimizer`` into A matrices at ``lr`` and B
+    matrices (and any 1-d LoRA parameter) at ``LORAPLUS_LR_RATIO x lr``.
+
+    ``create_loraplus_optimizer`` groups *every* trainable parameter that way: a fully trained
+    connector's or encoder's weight matrices would land at the A rate and their biases and norms at
+    16 x the LoRA rate, instead of their own rates. So it is called with an optimizer class that takes
+    its groups, keeps only their LoRA parameters (its grouping rule, its rates and weight decay) and
+    adds the fully trained parts' groups as :func:`param_groups` makes them."""
+    groups = param_groups(model, roles, settings)
+    cell = getattr(model, CELL_ATTR, None)
+    if cell is None or cell.variant != "loraplus":
+        return torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
+    from peft.optimizers import create_loraplus_optimizer
+
+    full = [g for g in groups if g["part"] != "lora"]
+    held = {id(p) for g in full for p in g["params"]}
+    parts = ("lora_A", "lora_embedding", "lora_B", "lora_B_no_decay")  # create_loraplus_optimizer's groups, in its order
+
+    def adamw(loraplus_groups: list[dict], **kwargs) -> torch.optim.Optimizer:
+        if len(loraplus_groups) != len(parts):
+            raise RuntimeError(f"peft's create_loraplus_optimizer made {len(loraplus_groups)} parameter groups, not {len(parts)}")
+        lora = [{**g, "params": [p for p in g["params"] if id(p) not in held], "part": part}
+                for g, part in zip(loraplus_groups, parts)]
+        return torch.optim.AdamW([g for g in lora if g["params"]] + full, **kwargs)
+
+    return create_loraplus_optimizer(model, adamw, lr=settings.lr, loraplus_lr_ratio=LORAPLUS_LR_RATIO,
+                                     loraplus_weight_decay=settings.weight_decay, weight_decay=settings.weight_decay)
+
+
 def attach(model: torch.nn.Module, resolution: Resolution, cell: Cell, dropout: float, seed: int):
+    """Wrap ``model`` with the cell's LoRA (its variant's peft settings); :func:`detach` undoes it."""
     torch.manual_seed(seed)  # LoRA A matrices are drawn here
     config = LoraConfig(
         r=cell.rank,
@@ -120,14 +179,32 @@ def attach(model: torch.nn.Module, resolution: Resolution, cell: Cell, dropout: 
         lora_dropout=dropout,
         target_modules=resolution.target_regex,
         modules_to_save=resolution.full or None,
+        **VARIANT_CONFIG[cell.variant],
     )
-    return get_peft_model(model, config, adapter_name=ADAPTER)
+    original = None
+    if cell.variant in MODIFIES_BASE:  # only the targeted layers' weights, on the CPU (not the accelerator's memory)
+        modules = dict(model.named_modules())
+        original = {name: modules[name].weight.detach().to("cpu", copy=True) for name in resolution.lora}
+    peft_model = get_peft_model(model, config, adapter_name=ADAPTER)
+    setattr(peft_model, CELL_ATTR, cell)
+    if original is not None:
+        setattr(peft_model, BASE_COPY_ATTR, original)
+    return peft_model
 
 
 def detach(peft_model) -> torch.nn.Module:
-    """The untouched base model back (LoRA layers removed, original modules in place)."""
+    """The untouched base model back (LoRA layers removed, original modules in place, and the weights a
+    PiSSA initialisation rewrote restored bit for bit from the copy :func:`attach` kept)."""
+    original = vars(peft_model).pop(BASE_COPY_ATTR, None)
+    vars(peft_model).pop(CELL_ATTR, None)
     peft_model.delete_adapter(ADAPTER)
-    return peft_model.unload()
+    model = peft_model.unload()
+    if original is not None:
+        modules = dict(model.named_modules())
+        with torch.no_grad():
+            for name, weight in original.items():
+                modules[name].weight.copy_(weight)
+    return model
 
 
 @dataclass
@@ -249,7 +326,7 @@ def train(adapter, peft_model, examples: list[Example], settings: TrainSettings,
     group = Group(accelerator)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     trainable, total = count_parameters(peft_model)
-    optimizer = torch.optim.AdamW(param_groups(peft_model, adapter.roles, settings), weight_decay=settings.weight_decay)
+    optimizer = make_optimizer(peft_model, adapter.roles, settings)
     steps = settings.steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(settings))
     checkpointed = _gradient_checkpointing(peft_model, settings.gradient_checkpointing)

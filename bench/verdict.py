@@ -23,12 +23,13 @@ import numpy as np
 
 from bench import stats
 
-CELL = ("targets", "rank", "alpha", "vision")
+CELL = ("targets", "rank", "alpha", "vision", "variant")
 
 
 def cell_key(record: dict) -> tuple:
+    """(suite, targets, rank, alpha, vision, variant); records of plain LoRA carry no variant."""
     c = record["cell"]
-    return (record["suite"], c["targets"], int(c["rank"]), float(c["alpha"]), c["vision"])
+    return (record["suite"], c["targets"], int(c["rank"]), float(c["alpha"]), c["vision"], c.get("variant", "lora"))
 
 
 def setting_key(record: dict) -> tuple:
@@ -40,13 +41,13 @@ def setting_key(record: dict) -> tuple:
 
 
 def cell_name(key: tuple) -> str:
-    _, targets, rank, alpha, vision = key
-    return f"{targets}-r{rank}-a{alpha:g}-{vision}"
+    _, targets, rank, alpha, vision, variant = key
+    return f"{targets}-r{rank}-a{alpha:g}-{vision}" + ("" if variant == "lora" else f"-{variant}")
 
 
 @dataclass
 class CellResult:
-    key: tuple  # (suite, targets, rank, alpha, vision)
+    key: tuple  # (suite, targets, rank, alpha, vision, variant)
     setting: tuple  # the chosen (lr, lr_connector, lr_vision, dropout)
     runs: list[dict]  # the chosen setting's runs, one per seed
     by_rate: dict[float, tuple[float, int]]  # LoRA rate -> (mean validation score, seeds), over the grid
@@ -140,7 +141,17 @@ CLAIMS = (
           "resampler+vpm"),
 )
 
-_FIELD = {"targets": 1, "rank": 2, "alpha": 3, "vision": 4}
+# Each LoRA variant against plain LoRA; a finding only where the benchmark ran that variant.
+VARIANT_CLAIMS = (
+    Claim("DoRA vs LoRA", "DoRA: a trained magnitude per output feature beats LoRA at the same rank", "variant", "dora", "lora"),
+    Claim("rsLoRA vs LoRA", "rsLoRA: alpha/sqrt(r) scaling learns better than alpha/r, the more so at higher ranks", "variant",
+          "rslora", "lora"),
+    Claim("PiSSA vs LoRA", "PiSSA: starting from the weights' principal singular vectors converges faster and better", "variant",
+          "pissa", "lora"),
+    Claim("LoRA+ vs LoRA", "LoRA+: B matrices at a higher learning rate than A train faster and better", "variant", "loraplus", "lora"),
+)
+
+_FIELD = {"targets": 1, "rank": 2, "alpha": 3, "vision": 4, "variant": 5}
 
 
 @dataclass
@@ -172,9 +183,9 @@ def contrast(draws: stats.Draws, cells: list[tuple], claim: Claim, margin: float
 
 
 def _pairs_ignoring_rank(cells: list[tuple], claim: Claim) -> list[tuple]:
-    """Target sets at different ranks but the same vision policy: the --param-budget view."""
-    a = {(k[0], k[4]): k for k in cells if k[1] == claim.a}
-    return [(a[(k[0], k[4])], k) for k in cells if k[1] == claim.b and (k[0], k[4]) in a]
+    """Target sets at different ranks but the same vision policy and variant: the --param-budget view."""
+    a = {(k[0], k[4], k[5]): k for k in cells if k[1] == claim.a}
+    return [(a[(k[0], k[4], k[5])], k) for k in cells if k[1] == claim.b and (k[0], k[4], k[5]) in a]
 
 
 # ------------------------------------------------------------------------------------------ suite
@@ -218,7 +229,8 @@ def judge(records: list[dict], margin: float = stats.MARGIN, n_boot: int = stats
             verdict.vs_best = {c.key: stats.compare(test, c.key, best.key, margin) for c in cells
                                if c.key != best.key and c.key in test_scores}
             keys = [c.key for c in cells if c.key in test_scores]
-            verdict.findings = [contrast(test, keys, claim, margin) for claim in CLAIMS]
+            claims = CLAIMS + tuple(c for c in VARIANT_CLAIMS if any(k[5] == c.a for k in keys))
+            verdict.findings = [contrast(test, keys, claim, margin) for claim in claims]
         out[suite] = verdict
     return out
 

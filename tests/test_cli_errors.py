@@ -16,6 +16,8 @@ CASES = {
     "rank zero": (["--ranks", "0"], "--ranks has '0': each value must be a whole number >= 1"),
     "rank not a number": (["--ranks", "four"], "--ranks has 'four'"),
     "empty factor": (["--targets", ","], "--targets is empty"),
+    "unknown LoRA variant": (["--variants", "lora,qlora"], "unknown LoRA variant 'qlora'; choose from lora, dora, rslora, pissa, loraplus"),
+    "empty variants": (["--variants", ","], "--variants is empty"),
     "unknown preset": (["--preset", "huge"], "unknown preset 'huge'"),
     "cuda without gpu": (["--device", "cuda"], "no CUDA GPU is available"),
     "negative steps": (["--steps", "-1"], "--steps must be a whole number >= 1"),

@@ -193,3 +193,22 @@ def test_a_raced_grid_makes_the_exhaustive_grids_records_on_fewer_steps(tmp_path
     md = (tmp_path / "race" / "results.md").read_text()
     assert "### Racing" in md and "stopped at the racing rung" in md
     assert not (tmp_path / "race" / ".paused").exists()  # paused states are removed once decided
+
+
+def test_lora_variants_are_cells_of_the_matrix(tmp_path):
+    """--variants lora,dora: a record per variant, plain LoRA's cell without a variant field (its key as
+    before), the variant in results.csv and in the cell names of results.md."""
+    out = tmp_path / "variants"
+    result = run_cli("--suite", "docvqa", "--preset", "smoke", "--variants", "lora,dora", "--targets", "qv", "--vision", "frozen",
+                     "--seeds", "0", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "LoRA variants: lora" in result.stdout and "dora (DoRA" in result.stdout.replace("\n", " ")
+    cells = {r["cell"].get("variant", "lora"): r for r in records(out) if r["kind"] == "cell"}
+    assert set(cells) == {"lora", "dora"} and all(r["status"] == "ok" for r in cells.values())
+    assert "variant" not in cells["lora"]["cell"] and cells["dora"]["cell"]["variant"] == "dora"
+    assert cells["lora"]["key"].startswith("qv-r4-a8-frozen-s0-") and cells["dora"]["key"].startswith("qv-r4-a8-frozen-dora-s0-")
+    assert cells["dora"]["trainable_params"] > cells["lora"]["trainable_params"]  # DoRA's magnitudes
+    df = pd.read_csv(out / "results.csv")
+    assert "variant" in df.columns and sorted(df.variant) == ["base", "dora", "lora"]
+    md = (out / "results.md").read_text()
+    assert "`qv-r4-a8-frozen-dora`" in md and "LoRA variant" in md

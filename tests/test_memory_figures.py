@@ -87,7 +87,7 @@ def _cell(record):
     from bench.space import Cell
 
     c = record["cell"]
-    return Cell(c["targets"], c["rank"], c["alpha"], c["vision"])
+    return Cell.from_dict(c)
 
 
 def test_old_cpu_records_fall_back_to_exact_bytes_from_their_parameter_counts(runs):

@@ -9,9 +9,16 @@ from bench.train import attach, detach, resolve
 
 
 @pytest.mark.parametrize("cell", [Cell("qv", 4, 8, "frozen"), Cell("all", 8, 16, "resampler"),
-                                  Cell("qkvo", 16, 32, "resampler+vpm"), Cell("qk", 8, 16, "vpm-lora")],
+                                  Cell("qkvo", 16, 32, "resampler+vpm"), Cell("qk", 8, 16, "vpm-lora"),
+                                  # LoRA variants: DoRA adds a trained magnitude per output feature; the others no parameter
+                                  Cell("all", 8, 16, "resampler", "dora"), Cell("qk", 8, 16, "vpm-lora", "dora"),
+                                  Cell("qv", 4, 8, "vpm-lora", "rslora"), Cell("qkvo", 4, 8, "resampler", "pissa"),
+                                  Cell("qv", 4, 8, "vpm-lora", "loraplus")],
                          ids=lambda c: c.name)
 def test_parameter_and_optimizer_bytes_are_exact(tiny, cell):
+    from bench.measure import count_parameters
+    from bench.space import TrainSettings
+    from bench.train import make_optimizer
     from suites.shapes.generate import generate
 
     model = tiny.model
@@ -21,7 +28,9 @@ def test_parameter_and_optimizer_bytes_are_exact(tiny, cell):
                      llm_layers=cfg.text["num_hidden_layers"])
     peft_model = attach(model, res, cell, 0.0, 0)
     try:
-        optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
+        counted = count_parameters(peft_model)  # what every run records as trainable_params / total_params
+        settings = TrainSettings(steps=1, batch_size=4, lr=1e-3, lr_connector=1e-3, lr_vision=1e-3)
+        optimizer = make_optimizer(peft_model, tiny.roles, settings)  # the one training uses (LoRA+: its own groups)
         items = list(generate(4, seed=3))
         batch = tiny.train_batch([tiny.example(i["question"], i["image"], i["answers"][0]) for i in items], torch.device("cpu"))
         tiny.forward_loss(peft_model, batch).backward()
@@ -29,7 +38,8 @@ def test_parameter_and_optimizer_bytes_are_exact(tiny, cell):
         actual = measured_state_bytes(peft_model, optimizer)
     finally:
         tiny.model = detach(peft_model)
-    assert guess.trainable_params == actual["trainable_params"]
+    assert guess.trainable_params == actual["trainable_params"] == counted[0]
+    assert guess.frozen_params + guess.trainable_params == counted[1]
     assert guess.frozen_params == actual["frozen_params"]
     assert guess.weight_bytes == actual["weight_bytes"]
     assert guess.grad_bytes == actual["grad_bytes"]

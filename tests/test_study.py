@@ -318,6 +318,7 @@ def test_search_respects_budgets_and_constraints(tmp_path):
     trials = [t for t in _trials(out) if "run" in t.user_attrs]
     assert len(trials) == 3 and all(t.constraints["memory"] > 0 for t in trials)
     assert {"lr", "alpha_ratio", "lora_dropout", "targets", "vision"} <= set(trials[0].params)
+    assert "variant" not in trials[0].params  # plain LoRA only: no variant parameter
 
     single = tmp_path / "single"
     done = run_cli(*SMOKE, "--search", "optuna", "--objectives", "score", "--trials", "50", "--step-budget", "20",

@@ -15,8 +15,8 @@ def test_each_cell_is_taken_at_its_best_rate_on_validation_not_test():
 
 def test_a_best_rate_at_the_end_of_the_grid_is_flagged():
     runs = [record("qk", "frozen", 0, 0.5, lr=1e-3), record("qk", "frozen", 0, 0.6, lr=1e-2)]
-    assert verdict.choose_rates(runs)[("docvqa", "qk", 8, 16.0, "frozen")].edge
-    assert not verdict.choose_rates(runs[:1])[("docvqa", "qk", 8, 16.0, "frozen")].edge  # a single rate is no grid
+    assert verdict.choose_rates(runs)[("docvqa", "qk", 8, 16.0, "frozen", "lora")].edge
+    assert not verdict.choose_rates(runs[:1])[("docvqa", "qk", 8, 16.0, "frozen", "lora")].edge  # a single rate is no grid
 
 
 def test_the_best_cell_is_chosen_on_validation_and_compared_on_test():
@@ -25,7 +25,7 @@ def test_the_best_cell_is_chosen_on_validation_and_compared_on_test():
     runs += [record("qv", "resampler", s, score=0.7, val=0.70) for s in range(3)]
     v = verdict.judge(runs)["docvqa"]
     assert verdict.cell_name(v.best.key) == "all-r8-a16-resampler"
-    other = ("docvqa", "qv", 8, 16.0, "resampler")
+    other = ("docvqa", "qv", 8, 16.0, "resampler", "lora")
     assert v.vs_best[other].diff > 0 and v.vs_best[other].verdict == "better"  # test disagrees, and the report says so
 
 

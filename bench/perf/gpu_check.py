@@ -177,7 +177,7 @@ def memory_check(model: str, out: Path, device_type: str) -> dict:
     df = pd.read_csv(csv)
     for r in df[(df.kind == "cell") & (df.status == "ok")].itertuples():
         seq = max(1, round(r.train_tokens_per_s / r.train_samples_per_s))  # mean tokens per sequence, measured
-        cell = Cell(r.target_set, int(r.rank), float(r.alpha), r.vision_policy)
+        cell = Cell(r.target_set, int(r.rank), float(r.alpha), r.vision_policy, getattr(r, "variant", "lora"))
         e = estimate_on(skeleton, adapter.roles, cell, batch, seq, tokens, size)
         predicted = e.total_bytes / 2**20
         rows.append({"cell": cell.name, "seq": seq, "predicted_mib": round(predicted, 1), "measured_mib": round(float(r.peak_mem_mib), 1),

@@ -29,7 +29,7 @@ OPPOSED = {("better", "worse"), ("worse", "better"), ("equivalent", "better"), (
 
 def _matrix(records: list[dict]):
     cells = [r for r in records if r.get("kind") == "cell"]
-    grid = sorted({Cell(r["cell"]["targets"], int(r["cell"]["rank"]), float(r["cell"]["alpha"]), r["cell"]["vision"]) for r in cells})
+    grid = sorted({Cell.from_dict(r["cell"]) for r in cells})
     lrs = sorted({float(r["train"]["lr"]) for r in cells})
     seeds = sorted({r["seed"] for r in cells})
     steps = cells[0]["train"]["steps"]
