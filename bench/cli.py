@@ -81,6 +81,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--train-items", type=flags.counts("250,1000,8000"), help="training items per suite (generated suites); several "
                    "values make it a factor: the same items nested (the 250 are the first 250 of the 1000), each level its own section")
     p.add_argument("--early-stopping", action="store_true", help="validation at 10, 20, 30, 50 and 75%% of training; test scores the best checkpoint")
+    p.add_argument("--report-only", action="store_true", help="write results.md/.csv from the runs of this matrix already "
+                   "recorded in --out (a stopped or partial matrix); train nothing")
     p.add_argument("--control", help="control suites (or --data-style folders) every tuned run is also scored on, to measure forgetting; "
                    "default: shapes (the embedded model's pretraining-like task) for the embedded model, none for checkpoints; none: off")
     p.add_argument("--test-items", type=flags.count(1, "500"), help="test items per suite (generated suites)")

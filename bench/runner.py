@@ -355,6 +355,13 @@ def run(spec: Spec, console: Console | None = None) -> Path:
         else:
             session.follow(progress)
             return spec.out
+        if spec.report_only:  # the tables from the records there are, nothing trained (a stopped matrix, a new metric)
+            session.stop_followers()
+            records = session.records()
+            if not any(r.get("kind") == "cell" for r in records):
+                raise BenchError(f"--report-only: {spec.out} holds no finished run of this matrix; run it without --report-only first")
+            report.write_all(records, session.spec, console, None)
+            return spec.out
         try:
             session.store.check_writable()
             session.store.clean_temporaries()

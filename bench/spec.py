@@ -55,6 +55,7 @@ class Spec:
     # override, run as its own section of the report (bench.runner.SuiteRun.label)
     regimes: tuple[dict, ...] = ({},)
     control: tuple[str, ...] | None = None  # control suites / folders for forgetting; None: the model's default
+    report_only: bool = False  # write the tables from the records there are; train nothing
     resolutions: tuple[int | None, ...] = (None,)  # values of the family's resolution knob; None: the checkpoint's own
 
     @property
@@ -296,6 +297,7 @@ def from_args(args) -> Spec:
         protocol=protocol,
         regimes=regimes,
         control=control,
+        report_only=bool(getattr(args, "report_only", False)),
         resolutions=resolutions,
     )
 

@@ -85,8 +85,9 @@ def test_max_forgetting_leaves_out_configurations_that_forget_more():
 
 def test_train_items_factor_control_scores_and_early_stopping_end_to_end(tmp_path):
     out = tmp_path / "costs"
-    result = run_cli("--suite", "docvqa", "--preset", "smoke", "--targets", "qv", "--vision", "frozen,resampler+vpm",
-                     "--seeds", "0", "--steps", "4", "--train-items", "48,96", "--early-stopping", "--out", str(out))
+    matrix = ["--suite", "docvqa", "--preset", "smoke", "--targets", "qv", "--vision", "frozen,resampler+vpm",
+              "--seeds", "0", "--steps", "4", "--train-items", "48,96", "--early-stopping"]
+    result = run_cli(*matrix, "--out", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     assert {p.name for p in (out / "records").iterdir()} == {"docvqa@n48", "docvqa@n96"}
     df = pd.read_csv(out / "results.csv")
@@ -104,6 +105,13 @@ def test_train_items_factor_control_scores_and_early_stopping_end_to_end(tmp_pat
     assert "Gain against forgetting (control: shapes" in md and "docvqa: training-set size" in md
     assert "Costs of tuning: findings" in md and "tuning the vision encoder forgets" in md
     assert list(out.glob("forgetting-docvqa-n48-shapes.png"))
+    csv = (out / "results.csv").read_text()
+    (out / "results.csv").unlink()
+    again = run_cli(*matrix, "--report-only", "--out", str(out))  # tables from the records, nothing trained
+    assert again.returncode == 0 and "train qv" not in again.stdout, again.stderr[-2000:]
+    assert (out / "results.csv").read_text() == csv
+    empty = run_cli(*matrix, "--report-only", "--out", str(tmp_path / "empty"))
+    assert empty.returncode == 2 and "holds no finished run" in empty.stderr
 
 
 @pytest.mark.parametrize("flags, message", [
