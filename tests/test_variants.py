@@ -1,7 +1,6 @@
 """LoRA variants as a factor of the matrix: plain LoRA's keys unchanged, each variant really applied
 through peft, the shared base model handed back intact."""
 
-import hashlib
 import math
 from pathlib import Path
 
@@ -14,17 +13,12 @@ from bench.errors import BenchError
 from bench.space import LORAPLUS_LR_RATIO, PRESETS, VARIANTS, Cell, TrainSettings, build_cells
 from bench.train import attach, detach, resolve, train
 from suites.shapes.generate import generate
+from test_train import fingerprint
 
 SETTINGS = TrainSettings(steps=2, batch_size=4, lr=5e-3, lr_connector=1e-3, lr_vision=5e-4, warmup_steps=1, lora_dropout=0.0)
 IDENTITY = {"suite": "docvqa", "data": "abc123", "model": "tiny-minicpmv:0000", "device": "cpu", "precision": "no", "max_gen_toks": 16}
 
 
-def fingerprint(model) -> str:
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------ keys and names
