@@ -37,11 +37,17 @@ BOOTSTRAPS = 2000
 NEAREST = "nearest suite's best"
 
 
-def coordinates(ev) -> tuple[float, float | None]:
-    """A suite's (visual, task) distance; a distance not told apart from pretraining (p >= 0.05) is 0."""
+def point(visual, task=None) -> tuple[float, float | None]:
+    """(visual, task) coordinates from two Comparisons; a distance not told apart from pretraining
+    (p >= 0.05) is 0, an unmeasured task distance None."""
     def axis(c):
         return None if c is None else (0.0 if c.same else max(c.mmd2, 0.0))
-    return axis(ev.distance), axis(getattr(ev, "task_distance", None))
+    return axis(visual), axis(task)
+
+
+def coordinates(ev) -> tuple[float, float | None]:
+    """A suite's (visual, task) distance from pretraining."""
+    return point(ev.distance, getattr(ev, "task_distance", None))
 
 
 @dataclass

@@ -32,7 +32,8 @@ import pandas as pd
 import torch
 
 from bench import memory_figures
-from bench.calibration import MIN_GAIN, NEAREST as NEAREST_RULE, POLICY_ORDER, Calibration, calibrate, regret_table, validate
+from bench.calibration import (MIN_GAIN, NEAREST as NEAREST_RULE, POLICY_ORDER, Calibration, calibrate, point,
+                               regret_table, validate)
 from bench.costs import regime_of, task_of
 from bench.errors import BenchError
 from bench.similarity import Comparison
@@ -423,7 +424,7 @@ def run(args) -> int:
             estimated = _feasible(evidence, None, None, memory)
             calibration.cost = {p: (float(g.mem_mib.mean()), calibration.cost[p][1])
                                 for p, g in estimated.groupby("vision") if p in calibration.cost}
-        at = (max(data_distance.mmd2, 0.0), max(task_distance.mmd2, 0.0) if task_distance is not None else 0.0)
+        at = point(data_distance, task_distance)
         families = {ev.suite: _family(ev.suite) for ev in evidence}
         rows = validate(evidence, between, families, axes)
     else:
@@ -488,7 +489,7 @@ def markdown(args, adapter, data_set, distances, to_suite, nearest, evidence, ca
              budget, notes, target: MemoryTarget | None = None, memory: dict | None = None) -> str:
     data_distance, task_distance = distances
     rows, table = validation
-    at = None if data_distance is None else (max(data_distance.mmd2, 0.0), max(task_distance.mmd2, 0.0) if task_distance else 0.0)
+    at = None if data_distance is None else point(data_distance, task_distance)
     limits = []
     if target is not None:
         limits.append(f"--estimate-for {target.model} --batch-size {target.batch_size} --seq-len {target.seq_len}")
@@ -659,7 +660,7 @@ def calibration_png(calibration: Calibration, at, label: str) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    at = at if at is not None else (0.0, 0.0)
+    at = (at[0], at[1] if at[1] is not None else 0.0) if at is not None else (0.0, 0.0)
     axes_shown = [0] + ([1] if "task" in calibration.axes() or any(x[1] for _, x, _ in calibration.points) else [])
     fig, panels = plt.subplots(1, len(axes_shown), figsize=(6.5 * len(axes_shown), 4.2), dpi=110, squeeze=False)
     for panel, axis in zip(panels[0], axes_shown):
