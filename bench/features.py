@@ -83,19 +83,23 @@ def from_images(name: str, origin: str, images: list[Image.Image]) -> ImageSet:
     return ImageSet(name, origin, digest.hexdigest()[:20], lambda: images)
 
 
-def suite_images(suite_name: str, n: int, seed: int = 0, prepared: str | None = None) -> ImageSet:
-    """A suite's test images: the folder its benchmark records name when it is still prepared in the
-    cache, otherwise a fresh sample of its generator (same distribution, same seed)."""
+def _suite_folder(suite_name: str, n: int, prepared: str | None) -> Path:
+    """The folder a suite's benchmark records name when it is still prepared in the cache, otherwise a
+    fresh sample of its generator (same distribution, same seed)."""
     from bench import suites
 
     if prepared and content_digest(cache_root() / prepared):
-        return from_prepared(suite_name, cache_root() / prepared, n, seed)
+        return cache_root() / prepared
     suite = suites.get(suite_name)
     if prepared and "-data-" in prepared:
         raise BenchError(f"suite {suite_name}'s records were measured on a dataset ({prepared}) that is no longer prepared "
                          f"in {cache_root()}; rerun that benchmark with its --data (it re-prepares the folder)")
-    folder = suite.prepare(train_items=1, test_items=max(n, 1), val_items=0)
-    return from_prepared(suite_name, folder, n, seed)
+    return suite.prepare(train_items=1, test_items=max(n, 1), val_items=0)
+
+
+def suite_images(suite_name: str, n: int, seed: int = 0, prepared: str | None = None) -> ImageSet:
+    """A suite's test images."""
+    return from_prepared(suite_name, _suite_folder(suite_name, n, prepared), n, seed)
 
 
 def resolve(text: str, n: int, seed: int = 0) -> ImageSet:
@@ -131,6 +135,69 @@ def reference_images(adapter, reference: str | None, n: int, seed: int = 0) -> I
     if images is None:
         return None
     return from_images("pretraining", f"{adapter.family} pretraining generator (held-out seeds); {len(images)} images", images)
+
+
+# ------------------------------------------------------------------------------------------- text
+
+
+@dataclass(frozen=True)
+class TextSet:
+    """Questions with their first answer, one string each: where a task sits in the LLM's token space."""
+
+    name: str
+    key: str
+    texts: tuple[str, ...]
+
+
+def _texts(name: str, rows, n: int, seed: int, key: str) -> TextSet:
+    texts = [f"{r.question} {r.answers[0]}" for r in sorted(rows, key=lambda r: r.id)]
+    return TextSet(name, f"{key}-{n}-{seed}", tuple(_sample(texts, n, seed)))
+
+
+def suite_texts(suite_name: str, n: int, seed: int = 0, prepared: str | None = None) -> TextSet:
+    """A suite's test questions and answers (the same folder as :func:`suite_images`)."""
+    folder = _suite_folder(suite_name, n, prepared)
+    return _texts(suite_name, read_split(folder, "test"), n, seed, f"{content_digest(folder)}-test")
+
+
+def data_texts(text: str, n: int, seed: int = 0) -> TextSet | None:
+    """``--data``'s questions and answers: a suite, or a dataset the loaders read; None for a folder of
+    images alone (nothing to say about its task)."""
+    from bench import loaders, suites
+
+    if text in suites.available():
+        return suite_texts(text, n, seed)
+    path = Path(text).expanduser()
+    try:
+        loaders.detect(path)
+    except BenchError:  # no annotations: images only
+        return None
+    folder = loaders.prepare("data", path, (), None, cache_root())
+    return _texts(path.name, read_split(folder, "train"), n, seed, f"{content_digest(folder)}-train")
+
+
+def reference_texts(adapter, n: int, seed: int = 0) -> TextSet | None:
+    """Questions and answers like the model's pretraining, when the family can make them (else None)."""
+    texts = adapter.pretraining_questions(n, seed)
+    if texts is None:
+        return None
+    key = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:20]
+    return TextSet("pretraining", key, tuple(texts))
+
+
+@torch.no_grad()
+def embed_texts(adapter, text_set: TextSet) -> np.ndarray:
+    """(n, d) L2-normalised mean token embeddings of the texts in the base model's LLM (cached like images)."""
+    key = json.dumps({"model": adapter.fingerprint(), "texts": text_set.key, "v": FEATURES_VERSION}, sort_keys=True)
+    path = cache_root() / "features" / f"text-{hashlib.sha256(key.encode()).hexdigest()[:24]}.npy"
+    if path.is_file():
+        return np.load(path)
+    device = next(adapter.model.parameters()).device
+    feats = torch.nn.functional.normalize(adapter.text_features(list(text_set.texts), device).float(), dim=-1).cpu().numpy()
+    buffer = io.BytesIO()
+    np.save(buffer, feats)
+    atomic_write_bytes(path, buffer.getvalue())
+    return feats
 
 
 def _cache_file(adapter, image_set: ImageSet) -> Path:

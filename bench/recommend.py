@@ -2,19 +2,19 @@
 
 The evidence is the benchmark itself, read with the protocol of bench.verdict: each cell at its
 best learning rate on validation, every choice on validation, test only reported. Each benchmarked
-suite contributes two things: how far its images are from the model's pretraining (MMD^2 in the
-model's vision features, bench.similarity) and how much each vision policy gained over ``frozen``
-there on validation (paired on target set, rank and alpha, averaged). Gain is interpolated along that distance (piecewise linear, with the pretraining
-distribution itself as the anchor "distance 0, gain 0" and flat beyond the farthest suite); a policy
-that costs more memory must gain at least ``MIN_GAIN`` over every cheaper one to be chosen, so the
-calibrated threshold of a policy is the distance from which it pays for its measured cost. Within the
-chosen policy, the configuration is the one closest to each suite's best at the user's distance
-(weights of the same interpolation), subject to ``--memory-budget`` and ``--min-throughput``. Memory is
-compared on a figure of each run alone (bench.memory_figures.compared): CUDA peak allocated on a GPU;
-on CPU the memory model's exact weights plus the run's growth over the process baseline, not the
-process's peak resident memory, which depends on what the process ran before.
-Leave-one-suite-out accuracy (hide a suite, decide its policy from the others, compare with the
-policies in its confidence set of the best) says how much to trust the rule.
+suite contributes how far it is from the model's pretraining on two axes (its images in the vision
+encoder's features, its questions and answers in the LLM's token embeddings: bench.similarity) and
+how much each vision policy gained over ``frozen`` there on validation (paired on target set, rank
+and alpha, averaged). bench.calibration turns those into a predicted gain at the user's distances; a
+policy that costs more memory must gain at least ``MIN_GAIN`` over every cheaper one to be chosen.
+Within the chosen policy, the configuration is the one closest to each suite's best, weighted by the
+suites' shares of the prediction, subject to ``--memory-budget``, ``--min-throughput`` and
+``--max-forgetting``. Memory is compared on a figure of each run alone
+(bench.memory_figures.compared): CUDA peak allocated on a GPU; on CPU the memory model's exact
+weights plus the run's growth over the process baseline. How much to trust the rule is measured,
+not asserted: leave-one-suite-out (and -family-out) regret against every constant rule and against
+copying the nearest suite's best (bench.calibration.validate). A suite asked about is never part of
+its own evidence.
 
     python run_bench.py --recommend --data ~/my-images --memory-budget 16GiB --results results
 """
@@ -32,12 +32,12 @@ import pandas as pd
 import torch
 
 from bench import memory_figures
+from bench.calibration import (MIN_GAIN, NEAREST as NEAREST_RULE, POLICY_ORDER, Calibration, calibrate, point,
+                               regret_table, validate)
 from bench.costs import regime_of, task_of
 from bench.errors import BenchError
 from bench.similarity import Comparison
 
-MIN_GAIN = 0.01  # one point: a smaller gain does not pay for more memory or less throughput
-POLICY_ORDER = ("frozen", "resampler", "vpm-lora", "resampler+vpm", "minicpmv-recipe")
 CONFIG = ["targets", "rank", "alpha", "vision", "variant"]  # a cell; its learning rate is each suite's own choice
 RATES = ["lr", "lr_connector", "lr_vision", "lora_dropout"]
 
@@ -53,7 +53,8 @@ class Evidence:
     configs: pd.DataFrame  # one row per cell: CONFIG + RATES + val, score (test), seeds, mem_mib, train_samples_per_s
     gains: dict[str, float] = field(default_factory=dict)  # policy -> mean paired validation gain over frozen
     acceptable: set[str] = field(default_factory=set)  # policies with a cell in the confidence set of the best (validation)
-    distance: Comparison | None = None  # from the pretraining reference
+    distance: Comparison | None = None  # of the images from the pretraining reference (vision features)
+    task_distance: Comparison | None = None  # of the questions and answers from pretraining's (LLM token embeddings)
     memory: memory_figures.Figure = memory_figures.Figure(memory_figures.RECORDED)  # what mem_mib is (the same for every suite)
 
     @property
@@ -184,101 +185,6 @@ def _gains(configs: pd.DataFrame) -> dict[str, float]:
     return gains
 
 
-# -------------------------------------------------------------------------------------- calibration
-
-
-@dataclass
-class Calibration:
-    """Gain of each policy as a function of distance from pretraining, and what each policy costs."""
-
-    points: list[tuple[tuple[str, ...], float, dict[str, float]]]  # (suites, distance, gains) by distance; () = the anchor
-    cost: dict[str, tuple[float, float]]  # policy -> (mean MiB of the evidence's memory figure, mean train samples/s)
-
-    def gain(self, policy: str, d: float) -> float:
-        xs = [x for _, x, g in self.points if policy in g]
-        ys = [g[policy] for _, x, g in self.points if policy in g]
-        return float(np.interp(d, xs, ys)) if xs else math.nan
-
-    def policies(self) -> list[str]:
-        present = {p for names, _, g in self.points if names for p in g}
-        return [p for p in POLICY_ORDER if p in present] + sorted(present - set(POLICY_ORDER))
-
-    def decide(self, d: float, allowed: set[str] | None = None) -> str:
-        """The cheapest policy whose predicted gain is within MIN_GAIN of the best predicted gain."""
-        options = [p for p in self.policies() if (allowed is None or p in allowed) and p in self.cost and not math.isnan(self.gain(p, d))]
-        if not options:
-            raise BenchError("no vision policy has both measured gains and costs; benchmark frozen and at least one other policy")
-        top = max(self.gain(p, d) for p in options)
-        return min((p for p in options if self.gain(p, d) >= top - MIN_GAIN), key=lambda p: (self.cost[p][0], -self.cost[p][1]))
-
-    def threshold(self, policy: str) -> float | None:
-        """Smallest distance at which ``policy`` gains MIN_GAIN over every cheaper policy."""
-        cheaper = [p for p in self.policies() if p in self.cost and self.cost[p][0] < self.cost.get(policy, (math.inf,))[0]]
-        far = max(x for _, x, _ in self.points) * 1.25 or 1.0
-        for d in np.linspace(0, far, 501):
-            if self.gain(policy, d) - max([self.gain(p, d) for p in cheaper] + [0.0]) >= MIN_GAIN:
-                return float(d)
-        return None
-
-    def weights(self, d: float) -> dict[str, float]:
-        """Interpolation weights of the suites at distance ``d`` (the anchor's share goes to the nearest suite)."""
-        located = [(names, x) for names, x, _ in self.points if names]
-        xs = [x for _, x in located]
-        if d >= xs[-1]:
-            shares = [(located[-1][0], 1.0)]
-        elif d <= xs[0]:
-            shares = [(located[0][0], 1.0)]
-        else:
-            i = int(np.searchsorted(xs, d))
-            (lo, x0), (hi, x1) = located[i - 1], located[i]
-            w = (x1 - d) / (x1 - x0)
-            shares = [(lo, w), (hi, 1 - w)]
-        return {suite: w / len(names) for names, w in shares for suite in names}
-
-
-def calibrate(evidence: list[Evidence]) -> Calibration:
-    located = sorted((ev for ev in evidence if ev.distance is not None and ev.gains), key=lambda ev: ev.distance.mmd2)
-    if not located:
-        raise BenchError("no benchmarked suite has both a frozen baseline and another vision policy; "
-                         "benchmark --vision frozen plus the policies to compare")
-    policies = {p for ev in located for p in ev.gains}
-    points = [((), 0.0, {p: 0.0 for p in policies})]  # the anchor; a suite indistinguishable from pretraining replaces it
-    for ev in located:
-        x = 0.0 if ev.distance.same else max(ev.distance.mmd2, 0.0)
-        names, x0, gains = points[-1]
-        if x0 == x:  # same distance (interpolation needs increasing x): average with the point already there
-            merged = {p: float(np.mean([g[p] for g in ((gains,) if names else ()) + (ev.gains,) if p in g]))
-                      for p in set(gains) | set(ev.gains)}
-            points[-1] = (names + (ev.suite,), x, merged)
-        else:
-            points.append(((ev.suite,), x, ev.gains))
-    cost = {}
-    for policy in policies:
-        rows = pd.concat([ev.configs[ev.configs.vision == policy] for ev in evidence])
-        if len(rows):
-            cost[policy] = (float(rows.mem_mib.mean()), float(rows.train_samples_per_s.mean()))
-    return Calibration(points, cost)
-
-
-def leave_one_out(evidence: list[Evidence]) -> pd.DataFrame:
-    """Hide each suite, decide its policy from the others, check it against the policies in its confidence set
-    of the best (validation); regret is on test: the validation-best cell's test score minus that of the
-    decided policy's validation-best cell."""
-    rows = []
-    located = [ev for ev in evidence if ev.distance is not None and ev.gains]
-    for hidden in located:
-        others = [ev for ev in located if ev is not hidden]
-        if not others:
-            continue
-        decided = calibrate(others).decide(max(hidden.distance.mmd2, 0.0))
-        own = hidden.configs[hidden.configs.vision == decided].sort_values("val", ascending=False, kind="stable")
-        top = own.iloc[0].score if len(own) else math.nan  # test score of the decided policy's validation-best cell
-        rows.append({"suite": hidden.suite, "mmd2": hidden.distance.mmd2, "decided": decided,
-                     "best_set_policies": ", ".join(p for p in POLICY_ORDER if p in hidden.acceptable),
-                     "correct": decided in hidden.acceptable, "regret": float(hidden.best.score - top)})
-    return pd.DataFrame(rows)
-
-
 # ------------------------------------------------------------------------------------------- choice
 
 
@@ -288,17 +194,18 @@ class Choice:
     per_suite: dict[str, tuple[float, float | None, float]]  # suite -> (test score, base, weight)
 
 
-def choose(evidence: list[Evidence], calibration: Calibration | None, d: float | None, nearest: str,
+def choose(evidence: list[Evidence], calibration: Calibration | None, at, nearest: str,
            budget_mib: float | None, min_throughput: float | None, memory: dict | None = None,
            max_forgetting: float | None = None) -> Choice | None:
     """The recommended configuration under the limits, or None when nothing measured fits.
-    ``memory`` (configuration -> MiB) replaces the measured peaks: estimates on the user's model."""
+    ``at``: the user's data's (visual, task) distance from pretraining; ``memory`` (configuration -> MiB)
+    replaces the measured peaks: estimates on the user's model."""
     table = _feasible(evidence, budget_mib, min_throughput, memory, max_forgetting)
     if table.empty:
         return None
-    if calibration is not None and d is not None:
-        policy = calibration.decide(d, set(table.vision))
-        weights = calibration.weights(d)
+    if calibration is not None and at is not None:
+        policy = calibration.decide(at, set(table.vision))
+        weights = calibration.weights(at)
     else:  # no pretraining reference: the nearest suite's evidence decides
         weights = {nearest: 1.0}
         ev = next(e for e in evidence if e.suite == nearest)
@@ -416,7 +323,8 @@ def run(args) -> int:
 
     from bench import features
     from bench.models import get_adapter
-    from bench.similarity import compare
+    from bench.calibration import AXES
+    from bench.similarity import compare, compare_text, mmd2
     from bench.spec import parse_memory, resolve_device
     from bench.store import atomic_write_bytes, atomic_write_text
 
@@ -435,6 +343,14 @@ def run(args) -> int:
                          "(python run_bench.py --suite docvqa) or pass --results DIR")
     evidence, notes = build_evidence(records, args.model)
     data_set = features.resolve(args.data, args.samples)
+    own = [ev for ev in evidence if ev.suite == data_set.name]
+    if own:  # the answer must not be read off the data's own benchmark
+        evidence = [ev for ev in evidence if ev.suite != data_set.name]
+        if not evidence:
+            raise BenchError(f"the only benchmark in the records is of {data_set.name} itself, and a recommendation never "
+                             "uses the data's own results; benchmark other suites too (e.g. python run_bench.py --suite shapes,docvqa)")
+        notes.append(f"{data_set.name}'s own benchmark ({sum(len(e.configs) for e in own)} cells) is left out of its "
+                     "recommendation, so the advice is what the other suites predict")
     memory = target = None
     if args.estimate_for:
         if args.seq_len is not None and args.seq_len < 1 or args.batch_size is not None and args.batch_size < 1:
@@ -473,48 +389,91 @@ def run(args) -> int:
     adapter.load(resolve_device(args.device))
     reference = features.reference_images(adapter, args.reference, args.samples)
     data_feats = features.embed(adapter, data_set)
-    suite_feats = {}
+    suite_feats, suite_text = {}, {}
     with console.status("embedding suites") as status:
         for ev in evidence:
             status.update(f"embedding {ev.suite}")
             suite_feats[ev.suite] = features.embed(adapter, features.suite_images(ev.suite, args.samples, prepared=ev.data))
-    to_suite = {ev.suite: compare(data_feats, suite_feats[ev.suite]) for ev in evidence if data_set.name != ev.suite}
-    nearest = min(to_suite, key=lambda s: to_suite[s].mmd2) if to_suite else data_set.name
-    calibration = d = data_distance = None
+            texts = features.suite_texts(ev.suite, args.samples, prepared=ev.data)
+            suite_text[ev.suite] = features.embed_texts(adapter, texts)
+    to_suite = {ev.suite: compare(data_feats, suite_feats[ev.suite]) for ev in evidence}
+    nearest = min(to_suite, key=lambda s: to_suite[s].mmd2)
+    between = {(a, b): mmd2(suite_feats[a]["final"], suite_feats[b]["final"]) for a in suite_feats for b in suite_feats if a != b}
+    calibration = at = data_distance = task_distance = None
+    rows = pd.DataFrame()
     if reference is not None:
         ref_feats = features.embed(adapter, reference)
+        reference_text = features.reference_texts(adapter, args.samples)
+        ref_text = features.embed_texts(adapter, reference_text) if reference_text is not None else None
         for ev in evidence:
             ev.distance = compare(suite_feats[ev.suite], ref_feats)
+            ev.task_distance = compare_text(suite_text[ev.suite], ref_text) if ref_text is not None else None
         data_distance = compare(data_feats, ref_feats)
-        d = max(data_distance.mmd2, 0.0)
-        calibration = calibrate(evidence)
+        data_text = features.data_texts(args.data, args.samples)
+        if ref_text is None:
+            notes.append(f"{adapter.display_name()} has no sample of its pretraining questions: the task axis is off, the "
+                         "decision uses the visual distance only")
+        elif data_text is None:
+            notes.append(f"{args.data} holds images without questions: its task distance is unknown, so the decision uses "
+                         "the visual distance only; pass a dataset with questions (or a suite) to use both axes")
+        else:
+            task_distance = compare_text(features.embed_texts(adapter, data_text), ref_text)
+        axes = AXES if task_distance is not None else ("visual",)
+        calibration = calibrate(evidence, axes)
+        if memory is not None:  # the policies' costs on the user's model decide which is cheaper, not the tiny model's
+            estimated = _feasible(evidence, None, None, memory)
+            calibration.cost = {p: (float(g.mem_mib.mean()), calibration.cost[p][1])
+                                for p, g in estimated.groupby("vision") if p in calibration.cost}
+        at = point(data_distance, task_distance)
+        families = {ev.suite: _family(ev.suite) for ev in evidence}
+        rows = validate(evidence, between, families, axes)
     else:
         notes.append(f"{adapter.display_name()} has no pretraining sample and no --reference was given: the nearest "
                      "suite decides; pass --reference DIR for a calibrated decision")
-    choice = choose(evidence, calibration, d, nearest, budget, args.min_throughput, memory, max_forgetting)
+    choice = choose(evidence, calibration, at, nearest, budget, args.min_throughput, memory, max_forgetting)
     runner_up = None
     if choice is not None:
-        runner_up = choose(evidence, calibration, d, nearest, choice.config.mem_mib * 0.99, args.min_throughput, memory,
+        runner_up = choose(evidence, calibration, at, nearest, choice.config.mem_mib * 0.99, args.min_throughput, memory,
                            max_forgetting)
-    loo = leave_one_out(evidence) if calibration is not None else pd.DataFrame()
-    text = markdown(args, adapter, data_set, data_distance, to_suite, nearest, evidence, calibration, choice, runner_up,
-                    loo, budget, notes, target, memory)
-    png = calibration_png(calibration, d, data_set.name) if calibration is not None else None
+    table = regret_table(rows) if len(rows) else pd.DataFrame()
+    text = markdown(args, adapter, data_set, (data_distance, task_distance), to_suite, nearest, evidence, calibration,
+                    choice, runner_up, (rows, table), budget, notes, target, memory)
+    png = calibration_png(calibration, at, data_set.name) if calibration is not None else None
     summary = {"data": args.data, "recommended": _plain(choice.config) if choice else None,
                "memory": (f"estimated on {target.describe()}" if target else "measured on the benchmark model"),
                "memory_figure": evidence[0].memory.kind, "memory_figure_label": evidence[0].memory.label,
                "estimated_bytes": memory[_key(choice.config)].to_dict() if memory and choice else None,
                "runner_up": _plain(runner_up.config) if runner_up else None,
-               "mmd2_from_pretraining": data_distance.mmd2 if data_distance else None, "nearest_suite": nearest,
-               "leave_one_suite_out_accuracy": float(loo.correct.mean()) if len(loo) else None}
+               "mmd2_from_pretraining": data_distance.mmd2 if data_distance else None,
+               "task_mmd2_from_pretraining": task_distance.mmd2 if task_distance else None,
+               "axes": calibration.axes() if calibration else [], "nearest_suite": nearest,
+               "leave_one_suite_out": _summary(table, "leave-one-suite-out"),
+               "leave_one_family_out": _summary(table, "leave-one-family-out")}
     out.mkdir(parents=True, exist_ok=True)
     if png is not None:
         atomic_write_bytes(out / "calibration.png", png)
     atomic_write_text(out / "recommendation.json", json.dumps(summary, indent=1) + "\n")
     atomic_write_text(out / "recommendation.md", text)
+    if len(rows):
+        atomic_write_text(out / "validation.csv", rows.to_csv(index=False, float_format="%.5g"))
     console.print(text.split("\n## Calibration")[0])
     console.print(f"wrote {out / 'recommendation.md'}")
     return 0
+
+
+def _family(suite: str) -> str:
+    from bench import suites
+
+    known = suites.available()
+    return known[suite].family if suite in known else suite
+
+
+def _summary(table: pd.DataFrame, scheme: str) -> dict | None:
+    """Mean regret of each rule under ``scheme`` (for recommendation.json)."""
+    if table.empty or scheme not in set(table.scheme):
+        return None
+    part = table[table.scheme == scheme]
+    return {r.rule: {"mean_regret": float(r["mean regret"]), "in_best_set": r["in best set"]} for _, r in part.iterrows()}
 
 
 def _plain(config: pd.Series) -> dict:
@@ -526,8 +485,11 @@ def _plain(config: pd.Series) -> dict:
     return out
 
 
-def markdown(args, adapter, data_set, data_distance, to_suite, nearest, evidence, calibration, choice, runner_up, loo,
+def markdown(args, adapter, data_set, distances, to_suite, nearest, evidence, calibration, choice, runner_up, validation,
              budget, notes, target: MemoryTarget | None = None, memory: dict | None = None) -> str:
+    data_distance, task_distance = distances
+    rows, table = validation
+    at = None if data_distance is None else point(data_distance, task_distance)
     limits = []
     if target is not None:
         limits.append(f"--estimate-for {target.model} --batch-size {target.batch_size} --seq-len {target.seq_len}")
@@ -564,10 +526,18 @@ def markdown(args, adapter, data_set, data_distance, to_suite, nearest, evidence
             if w > 0:
                 lines.append(f"- on {suite} (weight {w:.2f} at your distance) it scored {score:.3f} on test"
                              + (f" (base model {base:.3f})" if base is not None else ""))
-        weighted = [(s, v) for s, v in choice.per_suite.items() if v[2] > 0]
+        weighted = [(s, v) for s, v in choice.per_suite.items() if v[2] > 0.01]
         if weighted:
             lo, hi = min(v[0] for _, v in weighted), max(v[0] for _, v in weighted)
-            lines.append(f"- expected score: {lo:.3f}-{hi:.3f} on suites at your distance (absolute levels differ by task)")
+            lines.append(f"- expected score: {lo:.3f}-{hi:.3f} on the suites that carry the prediction (absolute levels differ by task)")
+        if calibration is not None:
+            g, r = calibration.gain(c.vision, at), calibration.residual
+            lines.append(f"- predicted gain of {c.vision} over frozen: {g:+.3f} [{g - 1.96 * r:+.3f}, {g + 1.96 * r:+.3f}] "
+                         f"(95%, from the calibration's leave-one-suite-out error {r:.3f})")
+            if not calibration.distinguishable(at):
+                lines.append("- **No policy is distinguishable here**: the predicted gains of every policy lie within twice "
+                             "the calibration's error of each other, so the cheapest acceptable policy is the advice, not a "
+                             "measured winner")
         if runner_up is not None:
             r = runner_up.config
             short = evidence[0].memory.short
@@ -579,17 +549,20 @@ def markdown(args, adapter, data_set, data_distance, to_suite, nearest, evidence
     lines += ["## Why", ""]
     if data_distance is not None and calibration is not None:
         policy = choice.config.vision if choice is not None else None
-        lines.append(f"- Your images are at MMD^2 {data_distance.mmd2:.4f} [{data_distance.low:.4f}, {data_distance.high:.4f}] "
+        lines.append(f"- Your images are at visual MMD^2 {data_distance.mmd2:.4f} [{data_distance.low:.4f}, {data_distance.high:.4f}] "
                      f"from the model's pretraining (permutation p = {data_distance.p_value:.3f}: "
                      f"{'indistinguishable from' if data_distance.same else 'different from'} pretraining; classifier AUC {data_distance.auc:.2f}).")
+        if task_distance is not None:
+            lines.append(f"- Your questions and answers are at task MMD^2 {task_distance.mmd2:.4f} [{task_distance.low:.4f}, "
+                         f"{task_distance.high:.4f}] from pretraining's (p = {task_distance.p_value:.3f}).")
+        lines.append(f"- Axes that mattered: {_axes_text(calibration)}.")
         for p in calibration.policies():
             if p == "frozen":
                 continue
-            t = calibration.threshold(p)
-            where = "never pays on the measured suites" if t is None else f"pays from MMD^2 >= {t:.3f}"
-            above = "" if t is None else (" (you are above it)" if data_distance.mmd2 >= t else " (you are below it)")
-            lines.append(f"- {p}: predicted gain over frozen at your distance {calibration.gain(p, max(data_distance.mmd2, 0)):+.3f}; "
-                         f"calibrated threshold: {where}{above}.")
+            t = calibration.threshold(p, at[1])
+            where = "never pays on the measured suites" if t is None else f"pays from visual MMD^2 >= {t:.3f} at your task distance"
+            above = "" if t is None else (" (you are above it)" if at[0] >= t else " (you are below it)")
+            lines.append(f"- {p}: predicted gain over frozen {calibration.gain(p, at):+.3f}; {where}{above}.")
         if policy:
             lines.append(f"- Chosen policy {policy}: the cheapest ({evidence[0].memory.short}) whose predicted gain is within "
                          f"{MIN_GAIN:g} of the best.")
@@ -603,56 +576,112 @@ def markdown(args, adapter, data_set, data_distance, to_suite, nearest, evidence
     lines += [f"- Note: {n}" for n in notes] + [""]
     if calibration is not None:
         lines += ["## Calibration", "", "Gain of each vision policy over frozen on validation (cells matched on target set, rank "
-                  "and alpha, each at its best rate; mean), per suite, against the suite's MMD^2 from pretraining; `*` = the "
-                  "policy has a cell in the suite's 95% confidence set of the best (validation, seeds and items resampled); "
+                  "and alpha, each at its best rate; mean), per suite, with the suite's distances from pretraining (visual: "
+                  "images in the vision encoder's features; task: questions and answers in the LLM's token embeddings; "
+                  "symmetric MMD^2) and its *weight*, its share of the prediction at your data; `*` = the policy has a cell in the suite's 95% confidence set of the best (validation, seeds and items resampled); "
                   "best = test score of the validation-chosen best cell. Plot: calibration.png.", ""]
         policies = calibration.policies()
-        rows = []
+        shown = []
         for ev in sorted((e for e in evidence if e.distance is not None), key=lambda e: e.distance.mmd2):
-            row = {"suite": ev.suite, "MMD^2": f"{ev.distance.mmd2:.4f}", "base": "" if ev.base is None else f"{ev.base:.3f}",
-                   "best": f"{ev.best.score:.3f}"}
+            row = {"suite": ev.suite, "visual MMD^2": f"{ev.distance.mmd2:.4f}",
+                   "task MMD^2": "" if ev.task_distance is None else f"{ev.task_distance.mmd2:.4f}",
+                   "weight": f"{calibration.weights(at).get(ev.suite, 0):.2f}" if at is not None else "",
+                   "base": "" if ev.base is None else f"{ev.base:.3f}", "best": f"{ev.best.score:.3f}"}
             for p in policies:
                 row[p] = "" if p not in ev.gains else f"{ev.gains[p]:+.3f}" + ("*" if p in ev.acceptable else "")
-            rows.append(row)
-        lines += [pd.DataFrame(rows).to_markdown(index=False), ""]
+            shown.append(row)
+        lines += [pd.DataFrame(shown).to_markdown(index=False, disable_numparse=True), ""]
         figure = evidence[0].memory
         cost = pd.DataFrame([{"policy": p, f"{figure.header}, mean": _mib(calibration.cost[p][0]),
                               "train samples/s (mean)": f"{calibration.cost[p][1]:.0f}",
-                              "pays from MMD^2": "" if p == "frozen" else (lambda t: "never" if t is None else f"{t:.3f}")(calibration.threshold(p))}
+                              "pays from visual MMD^2": "" if p == "frozen" else
+                              (lambda t: "never" if t is None else f"{t:.3f}")(calibration.threshold(p, at[1] if at else 0.0))}
                              for p in policies if p in calibration.cost])
         lines += [f"Measured cost per policy (all configurations, all suites); memory: {figure.label}:", "",
                   cost.to_markdown(index=False), ""]
-    if len(loo):
-        lines += ["## Leave-one-suite-out", "", f"Decision accuracy: {int(loo.correct.sum())} of {len(loo)} suites "
-                  f"({loo.correct.mean():.0%}); correct = the decided policy has a cell in the hidden suite's confidence set of "
-                  "the best (validation); regret = test score of its validation-best cell minus that of the decided policy's.", "",
-                  loo.to_markdown(index=False, floatfmt=".4f"), ""]
+    if len(table):
+        lines += ["## Is the rule worth having? Leave-one-out regret", "",
+                  "Each suite (then each family of graded suites) is hidden in turn; the recommender is calibrated on the "
+                  "rest (bandwidths included) and decides the hidden suite's policy, as does every constant rule and "
+                  f"\"{NEAREST_RULE}\" (the policy of the validation-best cell of the suite nearest in images). Regret = test "
+                  "score of the hidden suite's validation-best cell minus that of the decided policy's validation-best cell "
+                  "(0 = as good as the best measured; below 0 when the decided policy's cell did better on test than the "
+                  "validation-chosen best). Intervals: 95% bootstrap over the held-out suites; the recommender "
+                  "minus each rule is paired on the same suites. The recommender may give up to "
+                  f"{MIN_GAIN:g} of score for less memory by design; *mean MiB* shows what each rule costs.", ""]
+        for scheme, part in table.groupby("scheme", sort=False):
+            shown = part.drop(columns=["scheme"]).copy()
+            shown["mean regret"] = shown["mean regret"].map("{:.4f}".format)
+            shown["mean MiB"] = shown["mean MiB"].map(_mib)
+            lines += [f"**{scheme}** ({int(part.suites.iloc[0])} suites):", "", shown.fillna("").to_markdown(index=False), ""]
+        lines += [_regret_verdict(table), ""]
+        per = rows[rows.rule == "recommender"][["scheme", "suite", "decided", "correct", "regret", "axes"]]
+        lines += ["Per held-out suite (the recommender):", "", per.to_markdown(index=False, floatfmt=".4f"), ""]
     return "\n".join(lines)
 
 
-def calibration_png(calibration: Calibration, d: float | None, label: str) -> bytes:
+def _axes_text(calibration: Calibration) -> str:
+    used = calibration.axes()
+    h = dict(zip(("visual", "task"), calibration.bandwidth))
+    if len(calibration.points) < 3:
+        return (f"neither: {len(calibration.points)} calibration suite(s) are too few to tell by leave-one-suite-out "
+                "whether a distance predicts the gains, so every suite counts alike (benchmark more suites)")
+    if not used:
+        return ("neither: no bandwidth predicted held-out suites better than the mean over all suites, so the decision "
+                "is the same constant rule everywhere")
+    return " and ".join(f"{a} (bandwidth {h[a]:.3g})" for a in used) + (
+        "; an axis left out predicted held-out suites no better (leave-one-suite-out error "
+        f"{calibration.residual:.3f})" if len(used) < 2 else f" (leave-one-suite-out error {calibration.residual:.3f})")
+
+
+def _regret_verdict(table: pd.DataFrame) -> str:
+    """One sentence: does the recommender beat every constant rule under leave-one-suite-out?"""
+    part = table[(table.scheme == "leave-one-suite-out") & table.rule.str.startswith("always ")]
+    mine = table[(table.scheme == "leave-one-suite-out") & (table.rule == "recommender")]["mean regret"]
+    if part.empty or mine.empty:
+        return ""
+    least = part.sort_values("mean regret").iloc[0]
+    below = (part["mean regret"] > mine.iloc[0]).all()
+    shown = (part.verdict == "recommender lower").all()
+    if shown:
+        return "**The recommender's regret is below every constant rule's, each shown by its interval.**"
+    if below:
+        return (f"The recommender's mean regret ({mine.iloc[0]:.4f}) is below every constant rule's (the best of them, "
+                f"{least.rule}, {least['mean regret']:.4f}), but not shown for every rule: intervals over this few suites include 0.")
+    return (f"**The recommender does not beat every constant rule**: {least.rule} has mean regret {least['mean regret']:.4f} "
+            f"against the recommender's {mine.iloc[0]:.4f}.")
+
+
+def calibration_png(calibration: Calibration, at, label: str) -> bytes:
+    """Gain over frozen against each axis in use: the suites as points, the calibration's prediction
+    as lines (the other axis held at the user's value)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    far = max(x for _, x, _ in calibration.points) * 1.1
-    grid = np.linspace(0, far, 200)
-    for i, policy in enumerate(calibration.policies()):
-        color = f"C{i}"
-        ax.plot(grid, [calibration.gain(policy, x) for x in grid], color=color, lw=1, alpha=0.6)
-        pts = [(x, g[policy]) for names, x, g in calibration.points if names and policy in g]
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=color, label=policy, zorder=3)
-    for names, x, _ in calibration.points:
-        ax.annotate(", ".join(names) or "pretraining", (x, ax.get_ylim()[0]), rotation=90, fontsize=7, va="bottom", ha="right", alpha=0.7)
-    if d is not None:
-        ax.axvline(d, color="k", ls="--", lw=1)
-        ax.annotate(label, (d, ax.get_ylim()[1]), fontsize=8, va="top", ha="left")
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.set_xlabel("MMD^2 from pretraining (vision features)")
-    ax.set_ylabel("gain over frozen (paired mean)")
-    ax.legend(fontsize=8, loc="best")
+    at = (at[0], at[1] if at[1] is not None else 0.0) if at is not None else (0.0, 0.0)
+    axes_shown = [0] + ([1] if "task" in calibration.axes() or any(x[1] for _, x, _ in calibration.points) else [])
+    fig, panels = plt.subplots(1, len(axes_shown), figsize=(6.5 * len(axes_shown), 4.2), dpi=110, squeeze=False)
+    for panel, axis in zip(panels[0], axes_shown):
+        far = max(max(x[axis] for _, x, _ in calibration.points), at[axis]) * 1.1 or 1.0
+        grid = np.linspace(0, far, 200)
+        for i, policy in enumerate(calibration.policies()):
+            color = f"C{i}"
+            line = [calibration.gain(policy, (x, at[1]) if axis == 0 else (at[0], x)) for x in grid]
+            panel.plot(grid, line, color=color, lw=1, alpha=0.6)
+            pts = [(x[axis], g[policy]) for _, x, g in calibration.points if policy in g]
+            panel.scatter([p[0] for p in pts], [p[1] for p in pts], color=color, label=policy, zorder=3)
+        for suite, x, _ in calibration.points:
+            panel.annotate(suite, (x[axis], panel.get_ylim()[0]), rotation=90, fontsize=7, va="bottom", ha="right", alpha=0.7)
+        panel.axvline(at[axis], color="k", ls="--", lw=1)
+        panel.annotate(label, (at[axis], panel.get_ylim()[1]), fontsize=8, va="top", ha="left")
+        panel.axhline(0, color="grey", lw=0.5)
+        used = ("visual", "task")[axis] in calibration.axes()
+        panel.set_xlabel(("visual MMD^2 (vision features)", "task MMD^2 (question/answer token embeddings)")[axis]
+                         + ("" if used else ": not used by the calibration"))
+        panel.set_ylabel("gain over frozen (validation, paired mean)")
+        panel.legend(fontsize=8, loc="best")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")

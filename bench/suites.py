@@ -5,6 +5,9 @@ default sizes, seed) and ``generation_kwargs`` (whose ``max_gen_toks`` the harne
 budget derived from the suite's answers in the model's tokenizer: bench.evaluate.generation_budget). Adding a suite means adding a folder:
 ``<name>.yaml`` + ``utils.py`` (lm-eval hooks) + ``generate.py`` (offline generator); the optional
 ``data_formats`` list names the real-data formats ``--data`` may hold for it (see bench/loaders.py).
+A folder may hold several YAMLs sharing one generator: ``generator_options`` (keyword arguments of
+``generate``) makes each a level of a graded family, e.g. ``shapes-shift-25`` (``strength: 0.25``)
+next to ``shapes-shift``; ``family`` names the group, so leave-one-family-out checks can hide it whole.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ class Suite:
     seed: int
     generation_kwargs: tuple = ()  # the YAML's generation_kwargs items (max_gen_toks is the harness's own)
     data_formats: tuple[str, ...] = ()  # real-data formats --data accepts (bench/loaders.py)
+    generator_options: tuple = ()  # keyword arguments of the folder's generate(): this suite's level of a graded family
+    family: str = ""  # suites of one graded family (default: the suite's own name)
 
     def generator(self):
         return importlib.import_module(f"suites.{self.folder.name}.generate").generate
@@ -64,7 +69,7 @@ class Suite:
                  "val": self.val_items if val_items is None else val_items}
         if limit:
             sizes = {split: min(n, limit) for split, n in sizes.items()}
-        return prepare_generated(self.name, self.generator(), sizes, self.seed)
+        return prepare_generated(self.name, self.generator(), sizes, self.seed, dict(self.generator_options))
 
 
 @lru_cache(maxsize=None)
@@ -85,6 +90,8 @@ def available() -> dict[str, Suite]:
             generation_kwargs=tuple(sorted((config.get("generation_kwargs") or {}).items())),
             seed=int(harness.get("seed", 0)),
             data_formats=tuple(harness.get("data_formats", ())),
+            generator_options=tuple(sorted((harness.get("generator_options") or {}).items())),
+            family=str(harness.get("family", name)),
         )
     return suites
 

@@ -2,12 +2,14 @@
 
 import itertools
 import json
+import math
 
 import numpy as np
 import pytest
 
 from bench.errors import BenchError
-from bench.recommend import Calibration, build_evidence, calibrate, choose, leave_one_out
+from bench.calibration import Calibration, calibrate, regret_table, validate
+from bench.recommend import _axes_text, _regret_verdict, build_evidence, choose
 from bench.similarity import Comparison
 from conftest import run_cli
 
@@ -62,48 +64,93 @@ def test_other_models_records_are_refused():
 
 
 def test_decision_is_the_cheapest_policy_within_one_point_of_the_best():
-    cal = Calibration(points=[((), 0.0, {"frozen": 0, "resampler": 0, "resampler+vpm": 0}),
-                              (("near",), 0.1, {"frozen": 0, "resampler": 0.005, "resampler+vpm": -0.05}),
-                              (("far",), 0.5, {"frozen": 0, "resampler": 0.2, "resampler+vpm": 0.4})],
-                      cost={"frozen": (100, 50), "resampler": (110, 45), "resampler+vpm": (150, 30)})
+    cal = Calibration(points=[("near", (0.1, 0.0), {"frozen": 0, "resampler": 0.005, "resampler+vpm": -0.05}),
+                              ("far", (0.5, 0.0), {"frozen": 0, "resampler": 0.2, "resampler+vpm": 0.4})],
+                      cost={"frozen": (100, 50), "resampler": (110, 45), "resampler+vpm": (150, 30)}, bandwidth=(0.05, math.inf))
     assert cal.decide(0.0) == "frozen"
     assert cal.decide(0.1) == "frozen"  # resampler gains half a point: not worth its memory
     assert cal.decide(0.5) == "resampler+vpm"
-    assert cal.decide(0.9) == "resampler+vpm"  # flat beyond the farthest suite
+    assert cal.decide(0.9) == "resampler+vpm"  # the farthest suite carries the prediction beyond it
     assert cal.decide(0.5, allowed={"frozen", "resampler"}) == "resampler"
     assert 0.1 < cal.threshold("resampler") < 0.5 and 0.1 < cal.threshold("resampler+vpm") < 0.5
     assert cal.weights(0.3) == pytest.approx({"near": 0.5, "far": 0.5})
-    assert cal.weights(0.02) == {"near": 1.0}
+    assert cal.weights(0.1)["near"] > 0.99
+    assert cal.axes() == ["visual"]
+    wide = Calibration(cal.points, cal.cost, bandwidth=(math.inf, math.inf))  # no axis: the mean over suites everywhere
+    assert wide.gain("resampler+vpm", 0.0) == wide.gain("resampler+vpm", 0.9) == pytest.approx(0.175)
 
 
-def synthetic_evidence():
-    """Three suites where tuning the vision encoder pays more the farther the images are."""
-    recs = []
+def graded_evidence(gain_of, n_suites=8, task=None, seed=0):
+    """``n_suites`` suites at visual distances 0..0.8 (task distances from ``task``, when given), where each
+    policy's true score is 0.5 + gain_of(policy, visual, task)."""
+    recs, where = [], {}
     mems = {"frozen": 900.0, "resampler": 950.0, "resampler+vpm": 1200.0}
-    layout = {"near": {"frozen": 0.80, "resampler": 0.80, "resampler+vpm": 0.70},
-              "mid": {"frozen": 0.30, "resampler": 0.60, "resampler+vpm": 0.62},
-              "far": {"frozen": 0.05, "resampler": 0.30, "resampler+vpm": 0.70}}
-    for i, (suite, by_policy) in enumerate(layout.items()):
-        scores = {(t, v): s + (0.01 if t == "all" else 0) for (t, (v, s)) in itertools.product(("qk", "all"), by_policy.items())}
-        recs += suite_records(suite, scores, mems, n_items=400, seed=i)
+    rng = np.random.default_rng(seed)
+    for i in range(n_suites):
+        v = 0.8 * i / (n_suites - 1)
+        t = task(i) if task else 0.0
+        name = f"s{i}"
+        where[name] = (v, t)
+        scores = {(targets, p): 0.5 + gain_of(p, v, t) + (0.01 if targets == "all" else 0)
+                  for targets in ("qk", "all") for p in mems}
+        recs += suite_records(name, scores, mems, n_items=400, seed=int(rng.integers(1 << 30)))
     evidence, _ = build_evidence(recs, "tiny-minicpmv")
     for ev in evidence:
-        ev.distance = distance({"near": 0.0, "mid": 0.3, "far": 0.6}[ev.suite])
+        v, t = where[ev.suite]
+        ev.distance, ev.task_distance = distance(v), distance(t)
     return evidence
 
 
-def test_leave_one_suite_out_and_choice_under_a_budget():
-    evidence = synthetic_evidence()
-    loo = leave_one_out(evidence).set_index("suite")
-    assert loo.loc["near", "decided"] == "frozen" and loo.loc["near", "correct"]
-    assert loo.loc["far", "decided"] == "resampler+vpm" and loo.loc["far", "correct"]
+def visual_rule(p, v, t):
+    """Tuning the vision side hurts near pretraining and pays far from it."""
+    return {"frozen": 0.0, "resampler": 0.3 * v - 0.04, "resampler+vpm": 0.5 * v - 0.1}[p]
+
+
+def test_the_recommender_beats_every_constant_rule_where_the_best_policy_depends_on_distance():
+    evidence = graded_evidence(visual_rule)
+    rows = validate(evidence)
+    table = regret_table(rows)
+    loso = table[table.scheme == "leave-one-suite-out"].set_index("rule")
+    constant = loso[loso.index.str.startswith("always ")]
+    assert len(constant) == 3
+    assert (constant["mean regret"] > loso.loc["recommender", "mean regret"]).all(), loso
+    assert "does not beat" not in _regret_verdict(table)
+    assert calibrate(evidence).axes() == ["visual"]  # the task coordinate (0 everywhere) says nothing
+
+
+def test_the_axis_that_decides_is_found():
+    """The best policy depends on the task distance only; the visual coordinate is noise."""
+    noise = np.random.default_rng(5).permutation(8) / 10
+
+    def task_rule(p, v, t):
+        return visual_rule(p, t, v)  # the same shape of rule, on the task axis
+
+    evidence = graded_evidence(lambda p, v, t: task_rule(p, v, t), task=lambda i: 0.8 * i / 7)
+    for ev, x in zip(evidence, noise):
+        ev.distance = distance(float(x))  # shuffle the visual coordinate: unrelated to the gains
     cal = calibrate(evidence)
-    far = choose(evidence, cal, 0.6, "far", None, None)
-    assert far.config.vision == "resampler+vpm"
-    assert far.config.targets in ("qk", "all")
-    capped = choose(evidence, cal, 0.6, "far", 1000.0, None)
+    assert "task" in cal.axes()
+    assert cal.decide((0.0, 0.8)) == "resampler+vpm" and cal.decide((0.8, 0.0)) == "frozen"
+
+
+def test_where_distance_does_not_matter_it_says_so():
+    evidence = graded_evidence(lambda p, v, t: {"frozen": 0.0, "resampler": 0.05, "resampler+vpm": 0.1}[p])
+    cal = calibrate(evidence)
+    assert cal.axes() == [] and "neither" in _axes_text(cal)
+    table = regret_table(validate(evidence))
+    verdict = _regret_verdict(table)
+    assert "does not beat every constant rule" in verdict or "not shown for every rule" in verdict, verdict
+    assert "**The recommender's regret is below every constant rule's" not in verdict
+
+
+def test_choice_under_a_budget():
+    evidence = graded_evidence(visual_rule)
+    cal = calibrate(evidence)
+    far = choose(evidence, cal, (0.8, 0.0), "s7", None, None)
+    assert far.config.vision == "resampler+vpm" and far.config.targets in ("qk", "all")
+    capped = choose(evidence, cal, (0.8, 0.0), "s7", 1000.0, None)
     assert capped.config.vision == "resampler" and capped.config.mem_mib <= 1000
-    assert choose(evidence, cal, 0.6, "far", 500.0, None) is None
+    assert choose(evidence, cal, (0.8, 0.0), "s7", 500.0, None) is None
 
 
 # -------------------------------------------------------------------------------------------- end to end
@@ -153,8 +200,22 @@ def test_recommend_end_to_end(two_suites, my_images, tmp_path):
         np.mean([figure.mib(r) for r in measured if r["data"] == data]) for data in {r["data"] for r in measured}))
     assert f"memory: {figure.label}" in md
     assert f"**Recommended: {chosen['targets']} r{chosen['rank']}" in md
-    assert "## Calibration" in md and "## Leave-one-suite-out" in md and "MMD^2" in md
+    assert "## Calibration" in md and "MMD^2" in md
+    assert "## Is the rule worth having" not in md  # two suites: none can be hidden and still be calibrated on
+    assert "holds images without questions: its task distance is unknown" in md
+    assert summary["axes"] == [] and "too few to tell" in md
     assert (out / "calibration.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_suite_is_never_its_own_evidence(two_suites, tmp_path):
+    out = tmp_path / "rec"
+    result = run_cli("--recommend", "--data", "shapes", "--results", str(two_suites), "--samples", "40", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    md = (out / "recommendation.md").read_text()
+    summary = json.loads((out / "recommendation.json").read_text())
+    assert "shapes's own benchmark" in md and summary["nearest_suite"] == "docvqa"
+    assert "| shapes " not in md.split("## Calibration")[1]  # not a calibration point either
+    assert summary["task_mmd2_from_pretraining"] is not None  # a suite has questions: both axes are measured
 
 
 def test_recommend_applies_the_budget_to_estimates_on_another_model(two_suites, my_images, tmp_path):

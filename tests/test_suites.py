@@ -62,7 +62,7 @@ def test_docvqa_answer_is_printed_on_the_page():
             assert _contains(page, _ink(mask)), (item["question"], text)
 
 
-@pytest.mark.parametrize("name", ["docvqa", "shapes", "shapes-shift", "textvqa", "chartqa"])
+@pytest.mark.parametrize("name", ["docvqa", "shapes", "shapes-shift", "textvqa", "chartqa", "shapes-shift-50", "shapes-task"])
 def test_prepared_splits_share_no_document(name):
     folder = suites.get(name).prepare(train_items=300, test_items=100, val_items=50)
     read = lambda split: [json.loads(line) for line in (folder / f"{split}.jsonl").read_text().splitlines()]
@@ -209,3 +209,40 @@ def test_records_are_keyed_by_data_content_not_generator_code():
     assert a != b  # different recipe, different cache folder...
     assert content_digest(a) == content_digest(b)  # ...but the same data
     assert content_digest(c) != content_digest(a)
+
+
+def test_graded_visual_shift_keeps_the_questions_and_moves_the_pixels_in_step():
+    """strength 0 is the pretraining look, 1 the shapes-shift suite; the questions are the pretraining ones."""
+    import importlib
+
+    module = importlib.import_module("suites.shapes-shift.generate")
+    levels = {s: list(module.generate(150, 9, strength=s)) for s in (0.0, 0.25, 0.5, 0.75, 1.0)}
+    assert all([i["qtype"] for i in items] == [i["qtype"] for i in levels[0.0]] for items in levels.values())
+    pixels = lambda items: np.stack([np.asarray(i["image"], dtype=float) for i in items])  # noqa: E731
+    brightness = [pixels(items).mean() for items in levels.values()]
+    texture = [np.abs(np.diff(pixels(items), axis=2)).mean() for items in levels.values()]
+    assert brightness == sorted(brightness, reverse=True) and texture == sorted(texture)
+    assert np.array_equal(pixels(levels[1.0]), pixels(list(shifted(150, 9))))
+    assert module.style(0.0).colors == module.PRETRAINING.colors and module.style(1.0) == module.SHIFTED
+    graded = suites.get("shapes-shift-50")
+    assert graded.family == suites.get("shapes-shift").family == "shapes-shift"
+    assert dict(graded.generator_options) == {"strength": 0.5} and suites.get("shapes-shift").generator_options == ()
+    with pytest.raises(ValueError, match="strength"):
+        module.style(1.5)
+
+
+def test_task_shift_asks_new_questions_of_pretraining_scenes():
+    from suites.shapes.generate import QTYPES
+
+    module = __import__("importlib").import_module("suites.shapes-task.generate")
+    task = suites.get("shapes-task").generator()
+    items = list(task(1200, 5))
+    assert {i["qtype"] for i in items} == set(module.NEW_QTYPES)
+    answers = [i["answers"][0] for i in items if i["qtype"] == "exists"]
+    assert 0.4 < answers.count("yes") / len(answers) < 0.6
+    zero = [i["answers"][0] == "0" for i in items if i["qtype"] == "color_count"]
+    assert 0.35 < np.mean(zero) < 0.65  # the answer cannot be guessed as "0"
+    half = list(task(400, 5, new_fraction=0.5))
+    assert sum(i["qtype"] in module.NEW_QTYPES for i in half) == 200
+    assert {i["qtype"] for i in half} - set(module.NEW_QTYPES) == set(QTYPES)
+    assert dict(suites.get("shapes-task-50").generator_options) == {"new_fraction": 0.5}

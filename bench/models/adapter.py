@@ -240,5 +240,28 @@ class VLMAdapter(ABC):
         embedded model can; for a real checkpoint the user passes ``--reference DIR``)."""
         return None
 
+    def pretraining_questions(self, n: int, seed: int) -> list[str] | None:
+        """``n`` "question answer" strings drawn like the model's pretraining tasks, when the family can
+        make them (the embedded model can): the reference of the task axis in bench.calibration."""
+        return None
+
+    @torch.no_grad()
+    def text_features(self, texts: list[str], device: torch.device) -> torch.Tensor:
+        """Each text's mean input-token embedding in the LLM (no forward pass: cheap on any model size).
+        Where a set of questions sits in the model's own token space, the task axis of the recommender."""
+        model = self.model
+        try:
+            table = model.get_input_embeddings()
+        except (AttributeError, NotImplementedError):
+            table = None
+        if table is None:  # remote-code wrappers (MiniCPM-V) keep the language model as .llm
+            table = model.llm.get_input_embeddings()
+        tokenizer = getattr(self.tokenizer, "tokenizer", self.tokenizer)
+        rows = []
+        for text in texts:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
+            rows.append(table(torch.tensor(ids, device=device)).float().mean(0))
+        return torch.stack(rows)
+
     def decode(self, new_ids: torch.Tensor) -> list[str]:
         return [t.strip() for t in self.tokenizer.batch_decode(new_ids, skip_special_tokens=True)]

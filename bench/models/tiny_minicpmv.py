@@ -372,6 +372,12 @@ class TinyMiniCPMVAdapter(VLMAdapter):
 
         return [item["image"] for item in itertools.islice(generate(n, seed=90_000 + seed), n)]
 
+    def pretraining_questions(self, n: int, seed: int) -> list[str]:
+        """Questions and answers of the pretraining generator, at the seeds of :meth:`pretraining_reference`."""
+        from suites.shapes.generate import generate
+
+        return [f"{item['question']} {item['answers'][0]}" for item in itertools.islice(generate(n, seed=90_000 + seed), n)]
+
     def generate_ids(self, model: torch.nn.Module, batch: dict, max_new_tokens: int) -> torch.Tensor:
         return model.generate(
             **batch,
