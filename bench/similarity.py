@@ -1,7 +1,7 @@
 """How far an image set is from another, in the model's own vision features.
 
 The score is the unbiased MMD^2 with an RBF kernel (bandwidth: median pairwise distance over both sets
-pooled, so the distance is symmetric: A to B is B to A, and distances from different sets are on one
+pooled in equal shares, so the distance is symmetric and does not move with the sets' sizes: A to B is B to A, and distances from different sets are on one
 scale; a bandwidth from the reference alone made docvqa->shapes-shift 1.24 but shapes-shift->docvqa 0.64), with a label-permutation p-value and a bootstrap interval; KID (the same estimator with
 the cubic polynomial kernel) is a second column and a cross-validated two-sample classifier's AUC the
 easy-to-read one (0.5: indistinguishable, 1.0: trivially separable). Not FID: at a few hundred images
@@ -40,6 +40,16 @@ def _cubic(z: torch.Tensor) -> torch.Tensor:
 def median_distance(y: np.ndarray) -> float:
     d = torch.pdist(torch.as_tensor(y, dtype=torch.float64))
     return float(d.median()) if len(d) else 1.0
+
+
+def pooled_bandwidth(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
+    """Median pairwise distance over both sets pooled in equal shares (the larger one subsampled to the
+    smaller's size, at a fixed seed): symmetric in ``x`` and ``y``, and not tilted toward whichever set
+    has more rows, so 200 images against 1000 give the distance 1000 against 1000 do."""
+    k = min(len(x), len(y))
+    rng = np.random.default_rng(seed)
+    pick = lambda a: a if len(a) == k else a[np.sort(rng.choice(len(a), k, replace=False))]  # noqa: E731
+    return median_distance(np.concatenate([pick(x), pick(y)]))
 
 
 def _mmd2_from_kernel(k: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -81,9 +91,9 @@ def _pooled(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
 
 def mmd2(x: np.ndarray, y: np.ndarray, bandwidth: float | None = None) -> float:
     """Unbiased RBF-kernel MMD^2 between samples ``x`` and ``y`` (rows are feature vectors); the
-    bandwidth defaults to the median distance over the pooled sample (symmetric in ``x`` and ``y``)."""
+    bandwidth defaults to :func:`pooled_bandwidth` (symmetric in ``x`` and ``y``)."""
     z, a = _pooled(x, y)
-    return float(_mmd2_from_kernel(_rbf(z, bandwidth or median_distance(z.numpy())), a)[0])
+    return float(_mmd2_from_kernel(_rbf(z, bandwidth or pooled_bandwidth(x, y)), a)[0])
 
 
 def kid(x: np.ndarray, y: np.ndarray) -> float:
@@ -138,7 +148,7 @@ def compare_text(x: np.ndarray, y: np.ndarray, seed: int = 0, permutations: int 
     if len(x) < 4 or len(y) < 4:
         raise BenchError(f"similarity needs at least 4 items per set (got {len(x)} and {len(y)}); add images")
     z, observed = _pooled(x, y)
-    k = _rbf(z, median_distance(z.numpy()))  # pooled: symmetric, one scale for every pair
+    k = _rbf(z, pooled_bandwidth(x, y))  # pooled: symmetric, one scale for every pair
     m, total = len(x), len(z)
     gen = torch.Generator().manual_seed(seed)
     stat = float(_mmd2_from_kernel(k, observed)[0])
@@ -226,7 +236,7 @@ def markdown(table: pd.DataFrame, adapter, reference, data_sets, suite_sets, arg
     lines += [f"Command: `python run_bench.py --similarity --data {args.data}"
               + (f" --reference {args.reference}" if args.reference else "") + f" --samples {args.samples}`", ""]
     lines += ["MMD^2: unbiased, RBF kernel on L2-normalised mean-pooled final-layer features (bandwidth = median "
-              "distance over both sets pooled, so A to B equals B to A); [low, high] = 95% bootstrap interval; p = permutation "
+              "distance over both sets pooled in equal shares, so A to B equals B to A); [low, high] = 95% bootstrap interval; p = permutation "
               f"p-value ({PERMUTATIONS} permutations); KID = the same with the cubic kernel; AUC = 5-fold logistic "
               "two-sample classifier (0.5 = indistinguishable); early = MMD^2 of an early layer. "
               "\"same\" = p >= 0.05.", ""]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bench import features, suites
-from bench.similarity import classifier_auc, compare, kid, median_distance, mmd2
+from bench.similarity import classifier_auc, compare, kid, median_distance, mmd2, pooled_bandwidth
 from conftest import run_cli
 
 
@@ -22,8 +22,9 @@ def naive_mmd2(x, y, kernel):
 def test_mmd2_and_kid_match_the_textbook_formulas():
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(9, 3)), rng.normal(0.5, 1, size=(7, 3))
-    z = np.concatenate([x, y])
-    h = median_distance(z)  # over both sets pooled: the distance is symmetric
+    z = np.concatenate([x[np.sort(np.random.default_rng(0).choice(9, 7, replace=False))], y])
+    h = pooled_bandwidth(x, y)  # both sets pooled in equal shares: symmetric, whatever their sizes
+    assert h == median_distance(z)
     pairs = sorted(np.linalg.norm(a - b) for a, b in itertools.combinations(z, 2))
     assert h == pytest.approx(pairs[(len(pairs) - 1) // 2])  # the lower median (torch's)
     rbf = lambda a, b: math.exp(-np.sum((a - b) ** 2) / (2 * h * h))  # noqa: E731
