@@ -195,7 +195,8 @@ def run(args) -> int:
                       "pretraining data) for the distance from pretraining. Reporting suite-to-suite similarity only.[/yellow]")
     suite_sets = [features.suite_images(name, n) for name in suites.available()]
     table = similarity_table(adapter, data_sets, reference, suite_sets, console)
-    text = markdown(table, adapter, reference, data_sets, suite_sets, args)
+    tasks = task_table(adapter, targets, data_sets, n) if reference is not None else None
+    text = markdown(table, adapter, reference, data_sets, suite_sets, args, tasks)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "similarity.csv", table.to_csv(index=False, float_format="%.5g"))
     atomic_write_text(out / "similarity.md", text)
@@ -231,7 +232,29 @@ def similarity_table(adapter, data_sets, reference, suite_sets, console=None) ->
     return pd.DataFrame(rows)
 
 
-def markdown(table: pd.DataFrame, adapter, reference, data_sets, suite_sets, args) -> str:
+def task_table(adapter, targets: list[str], data_sets, n: int) -> pd.DataFrame | None:
+    """The second axis: each data set's questions and answers against the pretraining generator's, in the
+    LLM's token embeddings (bench.features.embed_texts); None when the model has no such sample."""
+    from bench import features
+
+    reference = features.reference_texts(adapter, n)
+    if reference is None:
+        return None
+    ref = features.embed_texts(adapter, reference)
+    rows = []
+    for target, data in zip(targets, data_sets):
+        texts = features.data_texts(target, n)
+        if texts is None:
+            rows.append({"data": data.name, "task_mmd2": math.nan, "low": math.nan, "high": math.nan, "p_value": math.nan,
+                         "verdict": "no questions (images only)"})
+            continue
+        c = compare_text(features.embed_texts(adapter, texts), ref)
+        rows.append({"data": data.name, "task_mmd2": c.mmd2, "low": c.low, "high": c.high, "p_value": c.p_value,
+                     "verdict": "same" if c.same else "different"})
+    return pd.DataFrame(rows)
+
+
+def markdown(table: pd.DataFrame, adapter, reference, data_sets, suite_sets, args, tasks: pd.DataFrame | None = None) -> str:
     lines = [f"# Image similarity in {adapter.display_name()}'s vision features", ""]
     lines += [f"Command: `python run_bench.py --similarity --data {args.data}"
               + (f" --reference {args.reference}" if args.reference else "") + f" --samples {args.samples}`", ""]
@@ -245,6 +268,11 @@ def markdown(table: pd.DataFrame, adapter, reference, data_sets, suite_sets, arg
     if reference is not None:
         part = table[table.against == "pretraining"]
         lines += ["## Distance from pretraining", "", _md(part.drop(columns=["against"])), ""]
+    if tasks is not None:
+        lines += ["## Task distance from pretraining", "", "The questions with their first answers as mean token embeddings in "
+                  "the model's LLM, against the pretraining generator's (the recommender's second axis: images cannot see "
+                  "new questions). Same estimator and bandwidth rule as above.", "",
+                  _md(tasks.rename(columns={"task_mmd2": "mmd2"})), ""]
     pivot = table[table.against != "pretraining"].pivot_table(index="data", columns="against", values="mmd2", sort=False)
     if len(pivot):
         lines += ["## Distance from each suite (MMD^2)", "", pivot.to_markdown(floatfmt=".4f"), ""]

@@ -157,6 +157,7 @@ def test_similarity_cli_writes_tables(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     md = (out / "similarity.md").read_text()
     assert "## Distance from pretraining" in md and "## Distance from each suite" in md
+    assert "## Task distance from pretraining" in md and "no questions (images only)" in md  # the folder has no questions
     import pandas as pd
 
     table = pd.read_csv(out / "similarity.csv")
