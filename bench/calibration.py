@@ -88,12 +88,12 @@ class Calibration:
 
     def decide(self, at, allowed: set[str] | None = None) -> str:
         """The cheapest policy whose predicted gain is within MIN_GAIN of the best predicted gain."""
-        options = [p for p in self.policies() if (allowed is None or p in allowed) and p in self.cost
-                   and not math.isnan(self.gain(p, at))]
-        if not options:
+        gains = {p: self.gain(p, at) for p in self.policies() if (allowed is None or p in allowed) and p in self.cost}
+        gains = {p: g for p, g in gains.items() if not math.isnan(g)}
+        if not gains:
             raise BenchError("no vision policy has both measured gains and costs; benchmark frozen and at least one other policy")
-        top = max(self.gain(p, at) for p in options)
-        return min((p for p in options if self.gain(p, at) >= top - MIN_GAIN), key=lambda p: (self.cost[p][0], -self.cost[p][1]))
+        top = max(gains.values())
+        return min((p for p, g in gains.items() if g >= top - MIN_GAIN), key=lambda p: (self.cost[p][0], -self.cost[p][1]))
 
     def distinguishable(self, at) -> bool:
         """Whether the best predicted policy beats the worst by more than the calibration's own error."""

@@ -188,8 +188,7 @@ def reference_texts(adapter, n: int, seed: int = 0) -> TextSet | None:
 @torch.no_grad()
 def embed_texts(adapter, text_set: TextSet) -> np.ndarray:
     """(n, d) L2-normalised mean token embeddings of the texts in the base model's LLM (cached like images)."""
-    key = json.dumps({"model": adapter.fingerprint(), "texts": text_set.key, "v": FEATURES_VERSION}, sort_keys=True)
-    path = cache_root() / "features" / f"text-{hashlib.sha256(key.encode()).hexdigest()[:24]}.npy"
+    path = _cache_file(adapter, "texts", text_set.key, prefix="text-", suffix=".npy")
     if path.is_file():
         return np.load(path)
     device = next(adapter.model.parameters()).device
@@ -200,15 +199,16 @@ def embed_texts(adapter, text_set: TextSet) -> np.ndarray:
     return feats
 
 
-def _cache_file(adapter, image_set: ImageSet) -> Path:
-    key = json.dumps({"model": adapter.fingerprint(), "images": image_set.key, "v": FEATURES_VERSION}, sort_keys=True)
-    return cache_root() / "features" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz"
+def _cache_file(adapter, kind: str, key: str, prefix: str = "", suffix: str = ".npz") -> Path:
+    """Where the features of one (model weights, ``kind`` of set, set key) are kept."""
+    key = json.dumps({"model": adapter.fingerprint(), kind: key, "v": FEATURES_VERSION}, sort_keys=True)
+    return cache_root() / "features" / f"{prefix}{hashlib.sha256(key.encode()).hexdigest()[:24]}{suffix}"
 
 
 @torch.no_grad()
 def embed(adapter, image_set: ImageSet, batch_size: int = 64) -> dict[str, np.ndarray]:
     """``{"early": (n, d), "final": (n, d)}`` L2-normalised features of the base model's vision encoder."""
-    path = _cache_file(adapter, image_set)
+    path = _cache_file(adapter, "images", image_set.key)
     if path.is_file():
         with np.load(path) as cached:
             return {k: cached[k] for k in cached.files}

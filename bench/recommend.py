@@ -22,6 +22,7 @@ its own evidence.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
@@ -324,7 +325,7 @@ def run(args) -> int:
     from bench import features
     from bench.models import get_adapter
     from bench.calibration import AXES
-    from bench.similarity import compare, compare_text, mmd2
+    from bench.similarity import compare, compare_samples, mmd2
     from bench.spec import parse_memory, resolve_device
     from bench.store import atomic_write_bytes, atomic_write_text
 
@@ -398,7 +399,6 @@ def run(args) -> int:
             suite_text[ev.suite] = features.embed_texts(adapter, texts)
     to_suite = {ev.suite: compare(data_feats, suite_feats[ev.suite]) for ev in evidence}
     nearest = min(to_suite, key=lambda s: to_suite[s].mmd2)
-    between = {(a, b): mmd2(suite_feats[a]["final"], suite_feats[b]["final"]) for a in suite_feats for b in suite_feats if a != b}
     calibration = at = data_distance = task_distance = None
     rows = pd.DataFrame()
     if reference is not None:
@@ -407,7 +407,7 @@ def run(args) -> int:
         ref_text = features.embed_texts(adapter, reference_text) if reference_text is not None else None
         for ev in evidence:
             ev.distance = compare(suite_feats[ev.suite], ref_feats)
-            ev.task_distance = compare_text(suite_text[ev.suite], ref_text) if ref_text is not None else None
+            ev.task_distance = compare_samples(suite_text[ev.suite], ref_text) if ref_text is not None else None
         data_distance = compare(data_feats, ref_feats)
         data_text = features.data_texts(args.data, args.samples)
         if ref_text is None:
@@ -417,7 +417,7 @@ def run(args) -> int:
             notes.append(f"{args.data} holds images without questions: its task distance is unknown, so the decision uses "
                          "the visual distance only; pass a dataset with questions (or a suite) to use both axes")
         else:
-            task_distance = compare_text(features.embed_texts(adapter, data_text), ref_text)
+            task_distance = compare_samples(features.embed_texts(adapter, data_text), ref_text)
         axes = AXES if task_distance is not None else ("visual",)
         calibration = calibrate(evidence, axes)
         if memory is not None:  # the policies' costs on the user's model decide which is cheaper, not the tiny model's
@@ -425,6 +425,9 @@ def run(args) -> int:
             calibration.cost = {p: (float(g.mem_mib.mean()), calibration.cost[p][1])
                                 for p, g in estimated.groupby("vision") if p in calibration.cost}
         at = point(data_distance, task_distance)
+        between = {}
+        for a, b in itertools.combinations(suite_feats, 2):  # symmetric: one MMD^2 per pair of suites
+            between[a, b] = between[b, a] = mmd2(suite_feats[a]["final"], suite_feats[b]["final"])
         families = {ev.suite: _family(ev.suite) for ev in evidence}
         rows = validate(evidence, between, families, axes)
     else:

@@ -138,13 +138,14 @@ class Comparison:
 def compare(data: dict[str, np.ndarray], reference: dict[str, np.ndarray], seed: int = 0,
             permutations: int = PERMUTATIONS, bootstraps: int = BOOTSTRAPS) -> Comparison:
     """``data`` vs ``reference`` (feature dicts from :func:`bench.features.embed`)."""
-    c = compare_text(data["final"], reference["final"], seed, permutations, bootstraps)
+    c = compare_samples(data["final"], reference["final"], seed, permutations, bootstraps)
     return replace(c, early_mmd2=mmd2(data["early"], reference["early"]))
 
 
-def compare_text(x: np.ndarray, y: np.ndarray, seed: int = 0, permutations: int = PERMUTATIONS,
+def compare_samples(x: np.ndarray, y: np.ndarray, seed: int = 0, permutations: int = PERMUTATIONS,
                  bootstraps: int = BOOTSTRAPS) -> Comparison:
-    """Two samples of feature rows (e.g. text embeddings from :func:`bench.features.embed_texts`), no early layer."""
+    """Two samples of feature rows, no early layer: the final-layer part of :func:`compare`, and the task axis's
+    comparison of text embeddings (:func:`bench.features.embed_texts`)."""
     if len(x) < 4 or len(y) < 4:
         raise BenchError(f"similarity needs at least 4 items per set (got {len(x)} and {len(y)}); add images")
     z, observed = _pooled(x, y)
@@ -248,7 +249,7 @@ def task_table(adapter, targets: list[str], data_sets, n: int) -> pd.DataFrame |
             rows.append({"data": data.name, "task_mmd2": math.nan, "low": math.nan, "high": math.nan, "p_value": math.nan,
                          "verdict": "no questions (images only)"})
             continue
-        c = compare_text(features.embed_texts(adapter, texts), ref)
+        c = compare_samples(features.embed_texts(adapter, texts), ref)
         rows.append({"data": data.name, "task_mmd2": c.mmd2, "low": c.low, "high": c.high, "p_value": c.p_value,
                      "verdict": "same" if c.same else "different"})
     return pd.DataFrame(rows)

@@ -107,11 +107,11 @@ def test_two_axes_tell_a_visual_shift_from_a_task_shift(tiny, feats):
         texts = features.reference_texts(tiny, 300) if name == "pretraining" else features.suite_texts(name, 300)
         return features.embed_texts(tiny, texts)
 
-    from bench.similarity import compare_text
+    from bench.similarity import compare_samples
 
     ref, ref_text = feats("pretraining", 300), text("pretraining")
     visual = {name: compare(feats(name, 300), ref) for name in ("shapes-shift", "shapes-task", "shapes-shift-50")}
-    task = {name: compare_text(text(name), ref_text) for name in ("shapes-shift", "shapes-task", "shapes-task-50")}
+    task = {name: compare_samples(text(name), ref_text) for name in ("shapes-shift", "shapes-task", "shapes-task-50")}
     # shapes-task's scenes are pretraining's (a question that needs, say, a coded object selects its scene,
     # so not exactly: MMD^2 0.004 at 300 images)
     assert not visual["shapes-shift"].same and abs(visual["shapes-task"].mmd2) < 0.02

@@ -7,6 +7,7 @@ Module names follow MiniCPM-V so the same role patterns (``llm\\..*self_attn\\.q
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -368,15 +369,11 @@ class TinyMiniCPMVAdapter(VLMAdapter):
 
     def pretraining_reference(self, n: int, seed: int) -> list[Image.Image]:
         """Scenes from the pretraining generator, at seeds the recipe and the shapes suite never used."""
-        from suites.shapes.generate import generate
-
-        return [item["image"] for item in itertools.islice(generate(n, seed=90_000 + seed), n)]
+        return [item["image"] for item in _pretraining_items(n, seed)]
 
     def pretraining_questions(self, n: int, seed: int) -> list[str]:
         """Questions and answers of the pretraining generator, at the seeds of :meth:`pretraining_reference`."""
-        from suites.shapes.generate import generate
-
-        return [f"{item['question']} {item['answers'][0]}" for item in itertools.islice(generate(n, seed=90_000 + seed), n)]
+        return [f"{item['question']} {item['answers'][0]}" for item in _pretraining_items(n, seed)]
 
     def generate_ids(self, model: torch.nn.Module, batch: dict, max_new_tokens: int) -> torch.Tensor:
         return model.generate(
@@ -386,3 +383,12 @@ class TinyMiniCPMVAdapter(VLMAdapter):
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
         )
+
+
+@functools.lru_cache(maxsize=2)
+def _pretraining_items(n: int, seed: int) -> tuple[dict, ...]:
+    """Items of the pretraining generator at seeds the recipe and the shapes suite never used; drawn once
+    for both the reference images and the reference questions."""
+    from suites.shapes.generate import generate
+
+    return tuple(itertools.islice(generate(n, seed=90_000 + seed), n))
