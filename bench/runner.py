@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress
 
 from bench import adapters, machine, report
 from bench import suites as suite_registry
@@ -29,6 +29,8 @@ from bench.images import open_rgb
 from bench.memory_model import train_state
 from bench.models import get_adapter
 from bench.parallel import Group
+from bench.progress import console as log_console
+from bench.progress import progress_bar
 from bench.space import Cell, TrainSettings
 from bench.spec import Spec
 from bench.store import DONE, SCHEMA, DiskFull, Store, check_schemas, current, digest, disk_full, disk_full_reason
@@ -126,18 +128,6 @@ class Control:
 
 
 CONTROL_ITEMS = 500  # control items per suite (real data: the first of its test split), or --test-items if fewer
-
-
-def progress_bar(console: Console) -> Progress:
-    return Progress(
-        TextColumn("{task.description}", justify="left"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-        console=console,
-    )
 
 
 def encode_split(adapter, suite, data_dir: Path, split: str):
@@ -335,7 +325,7 @@ def run(spec: Spec, console: Console | None = None) -> Path:
     """Run the matrix through an Optuna study (bench/study.py): this process is one of its workers."""
     from bench import study
 
-    console = console or Console()
+    console = console or log_console()
     check_out_folder(spec.out)
     schemas = check_schemas(Path(spec.out) / "records")  # a folder of records this version cannot read is refused here
     older = sum(n for schema, n in schemas.items() if schema < SCHEMA)

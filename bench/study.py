@@ -283,6 +283,7 @@ class Worker:
         self.plans: dict = {}  # suite -> its race's latest bench.race.Plan
         self.todo: set[str] = set()  # racing: the run ids its latest plan asks for
         self.seen_exits: set = set()
+        self.moved = 0  # racing: training steps of legs finished since the latest plan
         self.planned: dict = {}  # suite -> (what its plan was made from, the plan): no replanning while nothing changed
         self.materialized: set[int] = set()  # finished trials whose records are in this output folder
         directions = [OBJECTIVES[o] for o in self.spec.objectives]
@@ -349,6 +350,7 @@ class Worker:
         store, spec = self.session.store, self.spec
         keys = self.session.keys()
         self.todo = set()
+        self.moved = 0  # the new plans count every leg trained so far
         for sr in self.session.suite_runs.values():
             rates = {t.lr: t for t in sr.settings(spec)}
             made_from = (initial, _listing(store.records_dir / sr.name))
@@ -385,7 +387,7 @@ class Worker:
         if not self.racing:
             self.progress.update(self.task, completed=self.finished())
             return
-        spent = sum(p.spent_steps for p in self.plans.values())
+        spent = sum(p.spent_steps for p in self.plans.values()) + self.moved
         expected = sum(p.expected_steps for p in self.plans.values())
         exhaustive = sum(p.exhaustive_steps for p in self.plans.values())
         parts = [f"{suite} {'rates' if p.round == 0 else f'seed {p.round + 1}'}, {len(p.alive)} cells in"
@@ -453,7 +455,13 @@ class Worker:
         sr, cell, seed, train, until = self.runs[key]
         leg = f" to step {until}" if until else ""
         self.progress.update(self.task, info=f"{sr.name}: {cell.name} lr {train.lr:g} seed {seed}{leg}")
+        if self.racing:
+            from bench.race import steps_spent
+
+            before = steps_spent(self.session.store.get(sr.name, sr.key(self.spec, cell, seed, train)), self.spec.train.steps)
         record = self._run_with_heartbeat(trial, lambda: self.session.run(sr, cell, seed, self.progress, train=train, until=until))
+        if self.racing:  # the race's progress moves with each leg, not only when the next plan is made
+            self.moved += steps_spent(record, self.spec.train.steps) - before
         self._finish(trial, record)
 
     def _tell(self, trial, record: dict) -> None:

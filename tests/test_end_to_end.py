@@ -20,8 +20,12 @@ def records(out):
 
 def test_smoke_matrix_then_rerun_does_no_training(tmp_path):
     out = tmp_path / "a"
-    first = run_cli("--suite", "docvqa", "--preset", "smoke", "--out", str(out))
+    first = run_cli("--suite", "docvqa", "--preset", "smoke", "--out", str(out), env={"LORA_VLM_BENCH_PROGRESS_S": "0"})
     assert first.returncode == 0, first.stderr[-2000:]
+    # stdout is a pipe, not a terminal: progress comes as plain lines while it runs, one per finished run here
+    lines = [line.split("race: training steps: ")[1] for line in first.stdout.splitlines() if "race: training steps: " in line]
+    assert [line.split(" (")[0] for line in lines] == ["6 of 24", "12 of 24", "18 of 24", "24 of 24"], first.stdout[-3000:]
+    assert all("elapsed" in line and "remaining" in line for line in lines)
     csv1 = (out / "results.csv").read_text()
     df = pd.read_csv(out / "results.csv")
     assert len(df) == 4 + 1  # 4 cells x 1 seed + the base model
