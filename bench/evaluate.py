@@ -230,7 +230,8 @@ def evaluate(adapter: VLMAdapter, model, suite: Suite, data_dir, device, limit: 
     metric = suite.metric
     score = float(out["results"][suite.name][f"{metric},none"])
     items = [
-        {"id": s["doc"]["id"], "prediction": s["filtered_resps"][0], "score": float(s[metric])}
+        {"id": s["doc"]["id"], "prediction": s["filtered_resps"][0], "score": float(s[metric]),
+         **({"source_id": s["doc"]["source_id"]} if s["doc"].get("source_id") else {})}  # the dataset's own id
         for s in sorted(out["samples"][suite.name], key=lambda s: s["doc_id"])
     ]
     return EvalResult(score=score, items=items, seconds=seconds)

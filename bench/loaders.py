@@ -17,6 +17,10 @@ Formats (detected from the files, whatever their names):
 - ``parquet``: Hugging Face shards with ``question`` (or ``query``), ``answers`` (or ``answer`` /
   ``label``) and ``image`` as ``{bytes, path}``.
 
+Each row keeps the dataset's own question id (DocVQA ``questionId``, TextVQA ``question_id``, ChartQA
+image name + query, parquet ``questionId``/``question_id`` columns) as ``source_id``: records carry it
+per item and bench/submission.py writes predictions files in the dataset's submission format.
+
 Splits come from the source (a row's ``set_name``, the file's ``dataset_split``, a ``train/`` or
 ``val/`` folder, a ``train-``/``validation-`` shard name). Train is the train split, test the
 validation split (or a labelled test split). With one labelled split only, it is divided with a fixed
@@ -58,6 +62,7 @@ class Row:
     doc: str  # what identifies the image: rows sharing it never straddle train and test
     split: str | None
     where: str  # "<file> row <n>", for error messages
+    source_id: dict | None = None  # the dataset's own question id (bench/submission.py writes it back)
 
 
 @dataclass
@@ -211,7 +216,8 @@ def _read_textvqa(source: Source, root: Path) -> None:
             image = index.find(image_id)
             if image is None:
                 raise BenchError(f"{where}: image {image_id}.jpg not found under {index.root}; put the TextVQA images folder inside the data folder")
-            source.rows.append(Row(question, answers, image, image_id, _split_name(row.get("set_name")) or file_split, where))
+            source.rows.append(Row(question, answers, image, image_id, _split_name(row.get("set_name")) or file_split, where,
+                                   _ids(row, ("question_id",))))
 
 
 def _read_docvqa(source: Source, root: Path) -> None:
@@ -231,7 +237,8 @@ def _read_docvqa(source: Source, root: Path) -> None:
             image = next((p for p in (path.parent / rel, base / rel) if p.is_file()), None)
             if image is None:
                 raise BenchError(f"{where}: image {rel} not found next to {path.name} or under {base}; keep the documents folder where the JSON expects it")
-            source.rows.append(Row(question, answers, image, str(row.get("docId", rel)) + "|" + rel, split, where))
+            source.rows.append(Row(question, answers, image, str(row.get("docId", rel)) + "|" + rel, split, where,
+                                   _ids(row, ("questionId",))))
 
 
 def _read_chartqa(source: Source, root: Path) -> None:
@@ -249,10 +256,17 @@ def _read_chartqa(source: Source, root: Path) -> None:
             image = next((p for p in candidates if p.is_file()), None)
             if image is None:
                 raise BenchError(f"{where}: image {name} not found in {path.parent / 'png'}; keep the png folder next to the JSON file")
-            source.rows.append(Row(question, answers, image, f"{split}|{name}", split, where))
+            source.rows.append(Row(question, answers, image, f"{split}|{name}", split, where, {"imgname": name, "query": question}))
 
 
 _QUESTION_COLUMNS = ("question", "query")
+ID_COLUMNS = ("questionId", "question_id")  # DocVQA's and TextVQA's (VQA's) question ids
+
+
+def _ids(row: dict, keys: tuple[str, ...]) -> dict | None:
+    """The dataset's own ids of a row (those of ``keys`` it has), for the submission file."""
+    ids = {k: row[k] for k in keys if row.get(k) is not None}
+    return ids or None
 _ANSWER_COLUMNS = ("answers", "answer", "label")
 
 
@@ -274,16 +288,22 @@ def _read_parquet(source: Source, root: Path) -> None:
             raise BenchError(f"{path} has no rows; remove the empty shard")
         split = _split_name(path.stem, path.parent.name)
         doc_col = next((c for c in ("docId", "image_id", "imgname") if c in names), None)
+        id_cols = tuple(c for c in ID_COLUMNS if c in names)
+        if not id_cols and "imgname" in names:  # ChartQA shards: the image name and the query are the id
+            id_cols = ("imgname", q)
         fix = "question, answers and image (Hugging Face parquet)"
         index = 0
-        columns = [q, a] + ([doc_col] if doc_col else [])
+        columns = list(dict.fromkeys([q, a, *([doc_col] if doc_col else []), *id_cols]))
         for batch in shard.iter_batches(batch_size=1024, columns=columns):
             for row in batch.to_pylist():
                 where = f"{path} row {index}"
                 question = _need(row, q, where, str, fix)
                 answers = _need(row, a, where, list, fix)
                 doc = f"{path.name}#{row[doc_col]}" if doc_col and row.get(doc_col) is not None else f"{path.name}#{index}"
-                source.rows.append(Row(question, answers, (path, index), doc, split, where))
+                ids = _ids(row, id_cols)
+                if ids and q in ids:
+                    ids["query"] = ids.pop(q)
+                source.rows.append(Row(question, answers, (path, index), doc, split, where, ids))
                 index += 1
 
 
@@ -450,4 +470,6 @@ def _write_split(root: Path, split: str, rows: list[Row], content) -> None:
             doc = {"id": f"{split}-{n:06d}", "image": rel, "question": row.question, "answers": answers,
                    "qtype": "", "doc": row.doc}
             content.update(json.dumps({k: v for k, v in doc.items() if k != "image"}, sort_keys=True).encode())
+            if row.source_id:  # not in the content digest: the same questions and answers are the same data
+                doc["source_id"] = row.source_id
             fh.write(json.dumps(doc) + "\n")

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
+START_S = 1.0  # what a task reports this soon after it is added is where it starts, not progress
 INTERVAL_S = 30.0  # the least time between two lines of one task; LORA_VLM_BENCH_PROGRESS_S overrides it
 
 
@@ -57,11 +58,13 @@ class PlainProgress(Progress):
         super().__init__(console=console, disable=True, get_time=get_time)
         self.interval = interval
         self._said: dict[TaskID, tuple[float, float]] = {}  # task -> (time of its last line, completed then)
+        self._first: dict[TaskID, tuple[float, float]] = {}  # task -> (time, completed) where this process started it
 
     def add_task(self, description: str, start: bool = True, total: float | None = 100.0, completed: int = 0,
                  visible: bool = True, **fields) -> TaskID:
         task_id = super().add_task(description, start=start, total=total, completed=completed, visible=visible, **fields)
         self._said[task_id] = (self.get_time(), completed)
+        self._first[task_id] = (self.get_time(), completed)
         return task_id
 
     def update(self, task_id: TaskID, **kwargs) -> None:
@@ -74,6 +77,7 @@ class PlainProgress(Progress):
 
     def remove_task(self, task_id: TaskID) -> None:
         self._said.pop(task_id, None)
+        self._first.pop(task_id, None)
         super().remove_task(task_id)
 
     def _report(self, task_id: TaskID) -> None:
@@ -82,23 +86,29 @@ class PlainProgress(Progress):
         if task is None or task_id not in self._said:
             return
         now = self.get_time()
+        if now - task.start_time < START_S if task.start_time is not None else False:  # where the task starts (a resumed matrix: earlier processes' work)
+            self._first[task_id] = (now, task.completed)
+            self._said[task_id] = (now, task.completed)
         said_at, said_completed = self._said[task_id]
         done = task.total is not None and task.completed >= task.total
         if task.completed == said_completed or (now - said_at < self.interval and not done):
             return
         self._said[task_id] = (now, task.completed)
-        self.console.print(self.line(task), markup=False, highlight=False, soft_wrap=True)
+        self.console.print(self.line(task, *self._first[task_id], now), markup=False, highlight=False, soft_wrap=True)
 
     @staticmethod
-    def line(task) -> str:
-        """``12:03:04 runs: 12 of 360 (3%), elapsed 0:10:00, remaining 4:50:00 | shapes: qv/frozen ...``"""
+    def line(task, since: float, from_completed: float, now: float) -> str:
+        """``12:03:04 runs: 12 of 360 (3%), elapsed 0:10:00, remaining 4:50:00 | shapes: qv/frozen ...``
+
+        Remaining time is at this process's rate since the task started: a resumed matrix starts with
+        work done by earlier processes, which took none of this one's time."""
         elapsed = task.elapsed or 0.0
-        done = f"{task.completed:g}"
         if task.total:
-            remaining = elapsed * (task.total - task.completed) / task.completed if task.completed else None
+            rate = (task.completed - from_completed) / (now - since) if now > since else 0.0
+            remaining = (task.total - task.completed) / rate if rate > 0 else None
             done = f"{task.completed:g} of {task.total:g} ({task.completed / task.total:.0%}), elapsed {clock(elapsed)}, " \
                    f"remaining {clock(max(remaining, 0.0) if remaining is not None else None)}"
         else:
-            done = f"{done} done, elapsed {clock(elapsed)}"
+            done = f"{task.completed:g} done, elapsed {clock(elapsed)}"
         info = task.fields.get("info") or ""
         return f"{time.strftime('%H:%M:%S')} {task.description.strip()}: {done}" + (f" | {info}" if info else "")

@@ -18,7 +18,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from bench import costs, memory_figures, race
+from bench import costs, memory_figures, race, submission
 from bench import verdict as verdicts
 from bench.machine import one_line
 from bench.stats import MARGIN
@@ -488,9 +488,10 @@ def write_all(records: list[dict], spec, console: Console, study=None) -> None:
         for f in costs.forgetting(v, [r for r in records if r["suite"] == suite], margin):
             atomic_write_bytes(out / costs.png_name(f.section, f.control), costs.forgetting_png(f, metric))
     atomic_write_text(out / "results.md", text + "\n")
+    submission.write_all(records, judged, out)
     if judged:
         terminal_table(judged, records, console)
-    console.print(f"wrote {out / 'results.md'} and {out / 'results.csv'}")
+    console.print(f"wrote {out / 'results.md'} and {out / 'results.csv'} (predictions in submission format: {out / 'submissions'})")
 
 
 # ----------------------------------------------------------------------------- the study's view

@@ -41,6 +41,7 @@ class Row:
     question: str
     answers: list[str]
     qtype: str
+    source_id: dict | None = None  # the dataset's own question id, for real data that has one
 
 
 def read_split(folder: Path, split: str) -> list[Row]:
@@ -50,7 +51,7 @@ def read_split(folder: Path, split: str) -> list[Row]:
         for line in fh:
             doc = json.loads(line)
             image = doc["image"] if os.path.isabs(doc["image"]) else str(Path(folder) / doc["image"])
-            rows.append(Row(doc["id"], image, doc["question"], list(doc["answers"]), doc.get("qtype", "")))
+            rows.append(Row(doc["id"], image, doc["question"], list(doc["answers"]), doc.get("qtype", ""), doc.get("source_id")))
     return rows
 
 
@@ -64,7 +65,11 @@ def load_split_dataset(data_dir: str | None = None, **_metadata):
     for split in SPLITS:
         if (Path(data_dir) / f"{split}.jsonl").is_file():
             rows = read_split(Path(data_dir), split)
-            out[split] = datasets.Dataset.from_list([r.__dict__ for r in rows])
+            docs = [dict(r.__dict__) for r in rows]
+            if not any(d["source_id"] for d in docs):  # generated data: no dataset ids, no column
+                for d in docs:
+                    del d["source_id"]
+            out[split] = datasets.Dataset.from_list(docs)
     return datasets.DatasetDict(out)
 
 

@@ -36,6 +36,10 @@ def test_smoke_matrix_then_rerun_does_no_training(tmp_path):
     md = (out / "results.md").read_text()
     assert "Best cell (validation)" in md and "Base model" in md and "Main effects" in md and "Confidence set of the best" in md
     _items_are_scored_with_official_anls(records(out))
+    # generated data has no dataset ids: the predictions file takes the harness's item ids, in DocVQA's shape
+    best = json.loads((out / "submissions" / "docvqa" / "best.json").read_text())
+    n_items = {len(r["items"]) for r in records(out) if r["kind"] == "cell"}
+    assert {len(best)} == n_items and set(best[0]) == {"questionId", "answer"} and best[0]["questionId"].startswith("test-")
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "records").glob("*/*")}
 
     second = run_cli("--suite", "docvqa", "--preset", "smoke", "--out", str(out))

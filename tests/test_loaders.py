@@ -228,6 +228,10 @@ def test_cli_runs_a_real_format_and_refuses_bad_data(tmp_path):
     assert ok.returncode == 0, ok.stderr[-2000:]
     text = (out / "results.md").read_text()
     assert "Data: chartqa (chartqa-json; 6 train / 1 validation / 4 test items)" in text
+    # ChartQA's predictions file: image name, query and prediction, in the test split's order
+    best = json.loads((out / "submissions" / "chartqa" / "best.json").read_text())
+    assert [(e["imgname"], e["query"]) for e in best] == [(f"test{i}.png", f"What is the value of bar {i}?") for i in range(4)]
+    assert all(isinstance(e["prediction"], str) for e in best)
     (data / "train" / "png" / "train1.png").write_bytes(b"")
     bad_out = tmp_path / "bad"
     bad = run_cli("--suite", "chartqa", "--data", str(data), "--preset", "smoke", "--out", str(bad_out))
