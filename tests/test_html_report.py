@@ -3,6 +3,7 @@ headless Chromium when one is installed)."""
 
 import base64
 import html
+import io
 import json
 import re
 import shutil
@@ -11,8 +12,10 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from rich.console import Console
 
-from bench import html_report
+from bench import html_report, report
+from tests.test_report import RECORDS, record
 
 REPORT = """# Tiny report
 
@@ -90,6 +93,40 @@ def test_write_next_to_writes_the_page_beside_the_markdown(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_the_kill_soak_accepts_a_whole_page_and_no_torn_one(tmp_path):
+    from bench.reliability.kill import _parses
+
+    page = html_report.write_next_to(tmp_path / "results.md", REPORT)
+    assert _parses(page)
+    page.write_text(page.read_text()[:2000])
+    assert not _parses(page)
+
+
+def write_report(out: Path) -> None:
+    """results.md and results.html through the real path: heatmap, findings, sweep."""
+    from types import SimpleNamespace
+
+    records = RECORDS + [record("all", "frozen", 0, 0.5), record("qv", "resampler", 0, 0.6)]
+    train = SimpleNamespace(steps=1, batch_size=1, lr=1e-3, lr_connector=1e-4, lr_vision=1e-4, lora_dropout=0.0)
+    spec = SimpleNamespace(out=out, alpha_rule="2r", train=train, settings=[train], margin=0.01, search=None,
+                           suites=("docvqa",))
+    report.write_all(records, spec, Console(file=io.StringIO()))
+
+
+def test_write_all_writes_results_html_with_the_same_sections(tmp_path):
+    write_report(tmp_path)
+    md = (tmp_path / "results.md").read_text()
+    page = (tmp_path / "results.html").read_text()
+    assert page == html_report.to_html(md, tmp_path, "results.md")
+    for level in (1, 2, 3):
+        in_md = [line[level + 1:].strip() for line in md.splitlines() if line.startswith("#" * level + " ")]
+        assert in_md and headings(page, rf"<h{level}[^>]*>(.*?)</h{level}>") == in_md
+    heatmap = (tmp_path / "heatmap-docvqa.png").read_bytes()
+    assert base64.b64encode(heatmap).decode() in page
+    rules = [line for line in md.splitlines() if re.fullmatch(r"\|[-:| ]+\|", line)]  # one per Markdown table
+    assert rules and page.count("<table>") == len(rules)
+
+
 # ----------------------------------------------------------------------------- in a browser
 
 
@@ -144,3 +181,15 @@ def test_the_page_sorts_by_leading_numbers_in_chromium(tmp_path):
     assert descending == ascending[::-1]
     dom, _ = dump_dom(with_clicks(page, "cell"), tmp_path / "profile")
     assert seen(dom) == [["a", "b", "c", "d", "e"], ["e", "d", "c", "b", "a"]]
+
+
+def test_a_written_report_loads_in_chromium_without_console_messages(tmp_path):
+    chromium()
+    write_report(tmp_path)
+    md = (tmp_path / "results.md").read_text()
+    dom, console = dump_dom(tmp_path / "results.html", tmp_path / "profile")
+    assert console == []
+    assert headings(dom, r"<h2[^>]*>(.*?)</h2>") == [line[3:].strip() for line in md.splitlines() if line.startswith("## ")]
+    tables = re.findall(r"<table[^>]*>", dom)
+    assert tables and all('data-sortable="true"' in t for t in tables)  # the script ran on every table
+    assert 'class="sortable"' in dom
