@@ -322,7 +322,7 @@ def name(config) -> str:
 def run(args) -> int:
     from rich.console import Console
 
-    from bench import features
+    from bench import features, html_report
     from bench.models import get_adapter
     from bench.calibration import AXES
     from bench.similarity import compare, compare_samples, mmd2
@@ -457,6 +457,7 @@ def run(args) -> int:
         atomic_write_bytes(out / "calibration.png", png)
     atomic_write_text(out / "recommendation.json", json.dumps(summary, indent=1) + "\n")
     atomic_write_text(out / "recommendation.md", text)
+    html_report.write_next_to(out / "recommendation.md", text)
     if len(rows):
         atomic_write_text(out / "validation.csv", rows.to_csv(index=False, float_format="%.5g"))
     console.print(text.split("\n## Calibration")[0])
@@ -582,7 +583,7 @@ def markdown(args, adapter, data_set, distances, to_suite, nearest, evidence, ca
                   "and alpha, each at its best rate; mean), per suite, with the suite's distances from pretraining (visual: "
                   "images in the vision encoder's features; task: questions and answers in the LLM's token embeddings; "
                   "symmetric MMD^2) and its *weight*, its share of the prediction at your data; `*` = the policy has a cell in the suite's 95% confidence set of the best (validation, seeds and items resampled); "
-                  "best = test score of the validation-chosen best cell. Plot: calibration.png.", ""]
+                  "best = test score of the validation-chosen best cell. Plot below: calibration.png.", ""]
         policies = calibration.policies()
         shown = []
         for ev in sorted((e for e in evidence if e.distance is not None), key=lambda e: e.distance.mmd2):
@@ -593,7 +594,8 @@ def markdown(args, adapter, data_set, distances, to_suite, nearest, evidence, ca
             for p in policies:
                 row[p] = "" if p not in ev.gains else f"{ev.gains[p]:+.3f}" + ("*" if p in ev.acceptable else "")
             shown.append(row)
-        lines += [pd.DataFrame(shown).to_markdown(index=False, disable_numparse=True), ""]
+        lines += [pd.DataFrame(shown).to_markdown(index=False, disable_numparse=True), "",
+                  "![gain over frozen against distance from pretraining](calibration.png)", ""]
         figure = evidence[0].memory
         cost = pd.DataFrame([{"policy": p, f"{figure.header}, mean": _mib(calibration.cost[p][0]),
                               "train samples/s (mean)": f"{calibration.cost[p][1]:.0f}",

@@ -1,4 +1,5 @@
-"""Tables from records: ``results.csv`` (one row per run), ``results.md`` (the verdict), terminal.
+"""Tables from records: ``results.csv`` (one row per run), ``results.md`` (the verdict) with its page
+``results.html`` (bench.html_report), terminal.
 
 Pure functions of the records, so the same records always give the same files. What is chosen and
 what is reported follows bench.verdict: choices on validation, test only reported, intervals over
@@ -18,7 +19,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from bench import costs, memory_figures, race, submission
+from bench import costs, html_report, memory_figures, race, submission
 from bench import verdict as verdicts
 from bench.machine import one_line
 from bench.stats import MARGIN
@@ -488,10 +489,11 @@ def write_all(records: list[dict], spec, console: Console, study=None) -> None:
         for f in costs.forgetting(v, [r for r in records if r["suite"] == suite], margin):
             atomic_write_bytes(out / costs.png_name(f.section, f.control), costs.forgetting_png(f, metric))
     atomic_write_text(out / "results.md", text + "\n")
+    html_report.write_next_to(out / "results.md", text + "\n")  # after the figures, which it embeds
     submission.write_all(records, judged, out)
     if judged:
         terminal_table(judged, records, console)
-    console.print(f"wrote {out / 'results.md'} and {out / 'results.csv'} (predictions in submission format: {out / 'submissions'})")
+    console.print(f"wrote {out / 'results.md'} (and .html), {out / 'results.csv'} and predictions in submission format under {out / 'submissions'}")
 
 
 # ----------------------------------------------------------------------------- the study's view

@@ -1,5 +1,6 @@
 """The recommender: gains paired over frozen, the calibrated decision, budgets, and the CLI end to end."""
 
+import base64
 import itertools
 import json
 import math
@@ -205,6 +206,9 @@ def test_recommend_end_to_end(two_suites, my_images, tmp_path):
     assert "holds images without questions: its task distance is unknown" in md
     assert summary["axes"] == [] and "too few to tell" in md
     assert (out / "calibration.png").read_bytes()[:4] == b"\x89PNG"
+    assert "](calibration.png)" in md
+    page = (out / "recommendation.html").read_text()
+    assert base64.b64encode((out / "calibration.png").read_bytes()).decode() in page and "<h2" in page
 
 
 def test_a_suite_is_never_its_own_evidence(two_suites, tmp_path):

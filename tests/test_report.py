@@ -87,6 +87,7 @@ def test_heatmap_is_written_and_linked(tmp_path):
     spec = SimpleNamespace(out=tmp_path, alpha_rule="2r", train=train, settings=[train], margin=0.01, search=None, suites=("docvqa",))
     report.write_all(records, spec, Console(file=io.StringIO()))
     assert "](heatmap-docvqa.png)" in (tmp_path / "results.md").read_text()
+    assert 'src="data:image/png;base64,' in (tmp_path / "results.html").read_text()  # and embedded in the page
     with Image.open(tmp_path / "heatmap-docvqa.png") as image:
         assert image.width > 100 and image.height > 100
 

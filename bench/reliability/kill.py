@@ -176,6 +176,8 @@ def _parses(path: Path) -> bool:
             pd.read_csv(path)
         elif name.endswith(".md"):
             path.read_text(encoding="utf-8")
+        elif name.endswith(".html"):
+            return path.read_text(encoding="utf-8").rstrip().endswith("</html>")  # bench/html_report.py, whole
         elif name == "study.journal":
             _study_trials(path.parent)
         elif name.endswith(".pt"):
