@@ -4,7 +4,9 @@
 score so far (never chosen on test; a new best replaces the old one as soon as it is evaluated, so a long matrix never holds more than one
 extra copy of a fully trained vision encoder); ``all`` keeps every run's; ``none`` saves nothing.
 Each folder is written under a temporary name and renamed into place, and carries ``run.json``
-(the run's key, cell, seed and score) next to peft's ``adapter_config.json`` and weights.
+(the run's key, cell, seed and score) next to peft's ``adapter_config.json`` and weights; for a
+transformers-native family also ``lm_eval.sh``, the stock lm-eval command that scores it
+(bench/stock_eval.py).
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ def _adapter_bytes(peft_model) -> int:
     return sum(p.numel() * p.element_size() for p in peft_model.parameters() if p.requires_grad)
 
 
-def keep(peft_model, record: dict, out: Path, mode: str) -> Path | None:
-    """Save ``peft_model`` for a finished run if ``mode`` asks for it; returns the folder or None."""
+def keep(peft_model, record: dict, out: Path, mode: str, add=None) -> Path | None:
+    """Save ``peft_model`` for a finished run if ``mode`` asks for it; returns the folder or None.
+    ``add(folder, target)`` writes more files into the folder (its temporary; ``target``: where it will
+    be) before it is renamed into place."""
     if mode == "none" or record.get("status") != "ok" or record.get("val_score") is None:
         return None
     root = folder(out, record["suite"])
@@ -55,6 +59,8 @@ def keep(peft_model, record: dict, out: Path, mode: str) -> Path | None:
         meta = {k: record.get(k) for k in ("key", "suite", "model", "cell", "seed", "train", "val_score", "score", "metric")}
         (tmp / "run.json").write_text(json.dumps(meta, indent=1) + "\n")
         target = root / record["key"]
+        if add is not None:
+            add(tmp, target)
         store._pause_in_write()
         if target.exists():
             _discard(target)
