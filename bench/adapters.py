@@ -6,7 +6,7 @@ extra copy of a fully trained vision encoder); ``all`` keeps every run's; ``none
 Each folder is written under a temporary name and renamed into place, and carries ``run.json``
 (the run's key, cell, seed and score) next to peft's ``adapter_config.json`` and weights; for a
 transformers-native family also ``lm_eval.sh``, the stock lm-eval command that scores it
-(bench/stock_eval.py).
+(bench/stock_eval.py). ``--export merged`` adds a merged model folder per adapter folder (bench/export.py).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def keep(peft_model, record: dict, out: Path, mode: str, add=None) -> Path | Non
             add(tmp, target)
         store._pause_in_write()
         if target.exists():
-            _discard(target)
+            discard(target)
         tmp.rename(target)
     except Exception as exc:  # a full disk is not the run's failure: stop, and the run is retried on the next start
         reason = store.disk_full_reason(exc)
@@ -76,13 +76,14 @@ def keep(peft_model, record: dict, out: Path, mode: str, add=None) -> Path | Non
     if mode == "best":
         for _, old in previous:
             if old != target:
-                _discard(old)
+                discard(old)
     return target
 
 
-def _discard(folder: Path) -> None:
-    """Delete an adapter folder so that a kill at any moment leaves it whole or gone: it is renamed to a
-    temporary (its writer in the name) first, which the next start removes if the deletion was cut short."""
+def discard(folder: Path) -> None:
+    """Delete a saved folder (an adapter's, or its merged model's: bench/export.py) so that a kill at any
+    moment leaves it whole or gone: it is renamed to a temporary (its writer in the name) first, which the
+    next start removes if the deletion was cut short."""
     aside = folder.parent / f"{store.temp_prefix(folder.name)}{os.urandom(4).hex()}.tmp"
     try:
         folder.rename(aside)

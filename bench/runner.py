@@ -21,7 +21,7 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
-from bench import adapters, machine, report, stock_eval
+from bench import adapters, export, machine, report, stock_eval
 from bench import suites as suite_registry
 from bench.errors import BenchError
 from bench.evaluate import evaluate, generation_budget
@@ -591,7 +591,7 @@ def _one_run(spec: Spec, adapter, sr: SuiteRun, cell: Cell, seed: int, resolutio
             eval_items_per_s=evaluation.items_per_s, eval_s=evaluation.seconds, losses=result.losses, steps_trained=settings.steps,
             items=evaluation.items, val_items=val.items,
         )
-        stock = isinstance(adapter, HFAdapter)  # what lm-eval's hf-multimodal loads
+        stock = isinstance(adapter, HFAdapter)  # what lm-eval's hf-multimodal and from_pretrained load
 
         def command(folder: Path, target: Path) -> None:
             stock_eval.write_script(folder, adapter, target, sr.suite, sr.data_dir, sr.max_gen_toks)
@@ -599,6 +599,8 @@ def _one_run(spec: Spec, adapter, sr: SuiteRun, cell: Cell, seed: int, resolutio
         saved = adapters.keep(peft_model, record, spec.out, spec.save_adapters, add=command if stock else None)
         if saved is not None:
             record["adapter"] = str(saved.relative_to(spec.out))
+            if spec.export == "merged":
+                record["merged"] = str(export.write(adapter, saved, spec.out, record["suite"]).relative_to(spec.out))
     except optuna.TrialPruned as exc:
         record.update(status="pruned", error=str(exc) or "pruned", score=None, val_score=None, val_curve=curve,
                       steps_trained=trained[0])
