@@ -4,7 +4,9 @@
 score so far (never chosen on test; a new best replaces the old one as soon as it is evaluated, so a long matrix never holds more than one
 extra copy of a fully trained vision encoder); ``all`` keeps every run's; ``none`` saves nothing.
 Each folder is written under a temporary name and renamed into place, and carries ``run.json``
-(the run's key, cell, seed and score) next to peft's ``adapter_config.json`` and weights.
+(the run's key, cell, seed and score) next to peft's ``adapter_config.json`` and weights; for a
+transformers-native family also ``lm_eval.sh``, the stock lm-eval command that scores it
+(bench/stock_eval.py). ``--export merged`` adds a merged model folder per adapter folder (bench/export.py).
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ def _adapter_bytes(peft_model) -> int:
     return sum(p.numel() * p.element_size() for p in peft_model.parameters() if p.requires_grad)
 
 
-def keep(peft_model, record: dict, out: Path, mode: str) -> Path | None:
-    """Save ``peft_model`` for a finished run if ``mode`` asks for it; returns the folder or None."""
+def keep(peft_model, record: dict, out: Path, mode: str, add=None) -> Path | None:
+    """Save ``peft_model`` for a finished run if ``mode`` asks for it; returns the folder or None.
+    ``add(folder, target)`` writes more files into the folder (its temporary; ``target``: where it will
+    be) before it is renamed into place."""
     if mode == "none" or record.get("status") != "ok" or record.get("val_score") is None:
         return None
     root = folder(out, record["suite"])
@@ -55,9 +59,11 @@ def keep(peft_model, record: dict, out: Path, mode: str) -> Path | None:
         meta = {k: record.get(k) for k in ("key", "suite", "model", "cell", "seed", "train", "val_score", "score", "metric")}
         (tmp / "run.json").write_text(json.dumps(meta, indent=1) + "\n")
         target = root / record["key"]
+        if add is not None:
+            add(tmp, target)
         store._pause_in_write()
         if target.exists():
-            _discard(target)
+            discard(target)
         tmp.rename(target)
     except Exception as exc:  # a full disk is not the run's failure: stop, and the run is retried on the next start
         reason = store.disk_full_reason(exc)
@@ -70,13 +76,14 @@ def keep(peft_model, record: dict, out: Path, mode: str) -> Path | None:
     if mode == "best":
         for _, old in previous:
             if old != target:
-                _discard(old)
+                discard(old)
     return target
 
 
-def _discard(folder: Path) -> None:
-    """Delete an adapter folder so that a kill at any moment leaves it whole or gone: it is renamed to a
-    temporary (its writer in the name) first, which the next start removes if the deletion was cut short."""
+def discard(folder: Path) -> None:
+    """Delete a saved folder (an adapter's, or its merged model's: bench/export.py) so that a kill at any
+    moment leaves it whole or gone: it is renamed to a temporary (its writer in the name) first, which the
+    next start removes if the deletion was cut short."""
     aside = folder.parent / f"{store.temp_prefix(folder.name)}{os.urandom(4).hex()}.tmp"
     try:
         folder.rename(aside)

@@ -108,6 +108,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler-seed", type=flags.seed, help="--search: seed of the TPE sampler (default 0)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code shipped inside a checkpoint folder (MiniCPM-V)")
     p.add_argument("--save-adapters", help="best (default: the best run per suite), all or none: PEFT folders under <out>/adapters/")
+    p.add_argument("--export", help="merged: also a model folder per saved adapter, LoRA merged in, under <out>/merged/ "
+                   "(loads with from_pretrained alone: vLLM, lmms-eval, VLMEvalKit)")
     p.add_argument("--similarity", action="store_true", help="report how far --data's images are from the model's pretraining and from every suite, then exit")
     p.add_argument("--recommend", action="store_true", help="recommend targets, rank and vision policy for --data from benchmark records (--results), then exit")
     p.add_argument("--reference", help="--similarity/--recommend: a folder of images like the model's pretraining data (built in for the embedded model)")

@@ -1,7 +1,9 @@
 """Evaluation through lm-eval: each suite is an lm-eval task, the harness is an lm-eval ``LM``.
 
 lm-eval hands every request of a task to one ``generate_until`` call; sorting by prompt length,
-batching, decoding images lazily (requests carry image paths) and restoring the order are ours.
+batching, decoding images lazily (requests carry lazy images: only their paths are read here) and
+restoring the order are ours. The task's text starts with lm-eval's image placeholder (for stock
+``hf-multimodal``, bench.task_hooks); the adapter renders the image slot itself, so it is stripped.
 Scores come from the task's ``process_results``; per-item scores are kept for paired statistics.
 
 Every cell of a matrix is evaluated on the same test items, so decoded test images and encoded
@@ -29,8 +31,10 @@ import torch  # noqa: E402
 from lm_eval.api.model import LM  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from bench.images import LazyImage  # noqa: E402
 from bench.models.adapter import VLMAdapter  # noqa: E402
 from bench.suites import Suite  # noqa: E402
+from bench.task_hooks import without_image  # noqa: E402
 
 MAX_CACHED_IMAGE_BYTES = 512 * 2**20
 CACHE_INPUTS = True  # False: decode, tokenize and build requests afresh in every evaluation (the before of bench.perf)
@@ -101,8 +105,8 @@ class HarnessLM(LM):
             context, gen_kwargs, aux = req.args
             visual = aux["visual"]
             visual = visual[0] if isinstance(visual, list) else visual
-            prompts.append(cache.prompt(context))
-            images.append(visual)
+            prompts.append(cache.prompt(without_image(context)))
+            images.append(visual.path if isinstance(visual, LazyImage) else visual)  # decoded by the cache, not kept
             kwargs.append(gen_kwargs)
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         outputs: list[str] = [""] * len(prompts)

@@ -164,3 +164,45 @@ def _to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
         lo, hi = (float(np.nanmin(a)), float(np.nanmax(a))) if a.size else (0.0, 1.0)
         scaled = (a - lo) * (255 / (hi - lo)) if hi > lo else np.zeros_like(a)
     return np.clip(np.nan_to_num(scaled), 0, 255).round().astype(np.uint8)
+
+
+class LazyImage(Image.Image):
+    """A PIL image that reads its file (as :func:`open_rgb` does: the pixel limit, RGB) on first use.
+
+    For lm-eval requests, which are built for every item of a task before any is evaluated: tools that
+    take PIL images (lm-eval's ``hf-multimodal``) get one, decoded when its batch is processed, while a
+    reader that wants only the file (the harness, by ``path``) never decodes it here. Until then it costs
+    a path, and no open file: a suite's requests never hold a thousand file handles or decoded pages.
+    """
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = os.fspath(path)
+
+    def load(self):
+        if self._im is None:  # never read (a closed image holds a DeferredError, and stays closed)
+            rgb = open_rgb(self.path)
+            self.im, self._mode, self._size, self.info = rgb.im, rgb.mode, rgb.size, dict(rgb.info)
+        return super().load()
+
+    @property
+    def size(self) -> tuple[int, int]:
+        self.load()
+        return self._size
+
+    @property
+    def mode(self) -> str:
+        self.load()
+        return self._mode
+
+    @property
+    def decoded(self) -> bool:
+        """Whether its pixels have been read (and are held)."""
+        return self._im is not None
+
+    def __reduce__(self):
+        """Copied or pickled as its path (lm-eval deep-copies logged requests), not as pixels."""
+        return type(self), (self.path,)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.path}{' (read)' if self.decoded else ''}>"

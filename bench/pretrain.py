@@ -41,6 +41,7 @@ from bench.models.tiny_minicpmv import (
     build_tokenizer,
     save_checkpoint,
 )
+from bench.task_hooks import without_image
 from suites.shapes import generate as scenes
 from suites.shapes.utils import doc_to_text
 
@@ -186,7 +187,7 @@ def stage_align(model, tokenizer, args, log) -> float:
 
 
 def encode(adapter, items):
-    return [adapter.example(doc_to_text(it), it["image"], it["answers"][0]) for it in items]
+    return [adapter.example(without_image(doc_to_text(it)), it["image"], it["answers"][0]) for it in items]
 
 
 @torch.no_grad()

@@ -21,13 +21,14 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
-from bench import adapters, machine, report
+from bench import adapters, export, machine, report, stock_eval
 from bench import suites as suite_registry
 from bench.errors import BenchError
 from bench.evaluate import evaluate, generation_budget
 from bench.images import open_rgb
 from bench.memory_model import train_state
 from bench.models import get_adapter
+from bench.models.hf import HFAdapter
 from bench.parallel import Group
 from bench.progress import console as log_console
 from bench.progress import progress_bar
@@ -590,9 +591,16 @@ def _one_run(spec: Spec, adapter, sr: SuiteRun, cell: Cell, seed: int, resolutio
             eval_items_per_s=evaluation.items_per_s, eval_s=evaluation.seconds, losses=result.losses, steps_trained=settings.steps,
             items=evaluation.items, val_items=val.items,
         )
-        saved = adapters.keep(peft_model, record, spec.out, spec.save_adapters)
+        stock = isinstance(adapter, HFAdapter)  # what lm-eval's hf-multimodal and from_pretrained load
+
+        def command(folder: Path, target: Path) -> None:
+            stock_eval.write_script(folder, adapter, target, sr.suite, sr.data_dir, sr.max_gen_toks)
+
+        saved = adapters.keep(peft_model, record, spec.out, spec.save_adapters, add=command if stock else None)
         if saved is not None:
             record["adapter"] = str(saved.relative_to(spec.out))
+            if spec.export == "merged":
+                record["merged"] = str(export.write(adapter, saved, spec.out, record["suite"]).relative_to(spec.out))
     except optuna.TrialPruned as exc:
         record.update(status="pruned", error=str(exc) or "pruned", score=None, val_score=None, val_curve=curve,
                       steps_trained=trained[0])

@@ -47,6 +47,7 @@ class Spec:
     eval_batch_size: int = 64
     trust_remote_code: bool = False  # run model code shipped inside a checkpoint (MiniCPM-V)
     save_adapters: str = "best"  # best (per suite), all, none: PEFT folders under <out>/adapters/
+    export: str | None = None  # merged: a merged model folder per saved adapter, under <out>/merged/
     lrs: tuple[float, ...] = ()  # LoRA learning rates each cell runs at (empty: train.lr alone)
     margin: float = 0.01  # equivalence margin: differences inside +-margin are "equivalent" (TOST)
     param_budget: int | None = None  # LLM LoRA parameters per cell: each target set's rank is derived
@@ -232,6 +233,16 @@ def from_args(args) -> Spec:
     save_adapters = getattr(args, "save_adapters", None) or "best"
     if save_adapters not in MODES:
         raise BenchError(f"--save-adapters {save_adapters!r} is unknown; choose {', '.join(MODES)}")
+    export = getattr(args, "export", None)
+    if export is not None:
+        from bench import export as exports
+
+        if export not in exports.MODES:
+            raise BenchError(f"--export {export!r} is unknown; choose {', '.join(exports.MODES)}")
+        if save_adapters == "none":
+            raise BenchError("--export merged merges each saved adapter, and --save-adapters none saves none; "
+                             "drop one of them (or use --save-adapters best or all)")
+        exports.check(args.model, bool(getattr(args, "trust_remote_code", False)))
     budget = parse_memory(args.memory_budget) if getattr(args, "memory_budget", None) is not None else None
     sampler_seed = getattr(args, "sampler_seed", None)
     sampler_seed = 0 if sampler_seed is None else sampler_seed
@@ -290,6 +301,7 @@ def from_args(args) -> Spec:
         pruner=pruner,
         step_budget=getattr(args, "step_budget", None),
         save_adapters=save_adapters,
+        export=export,
         trust_remote_code=bool(getattr(args, "trust_remote_code", False)),
         lrs=tuple(dict.fromkeys(lrs)),
         margin=margin,

@@ -352,7 +352,7 @@ class Store:
         pattern = f"{suite}/" if suite else "*/"
         return [r for r in map(read_record, record_files(self.records_dir, pattern)) if r is not None]
 
-    TEMPORARIES = (".*.tmp", "records/*/.*.tmp", ".paused/*/.*.tmp", "adapters/*/.*")  # adapters/: temporary folders
+    TEMPORARIES = (".*.tmp", "records/*/.*.tmp", ".paused/*/.*.tmp", "adapters/*/.*", "merged/*/.*")  # adapters/, merged/: temporary folders
 
     def clean_temporaries(self) -> int:
         """Remove partial files and adapter folders that killed processes left behind (they never replaced
@@ -360,7 +360,7 @@ class Store:
         now, removed = time.time(), 0
         for pattern in self.TEMPORARIES:
             for tmp in self.out.glob(pattern):
-                if pattern.startswith("adapters/") and not tmp.is_dir():
+                if pattern.startswith(("adapters/", "merged/")) and not tmp.is_dir():
                     continue
                 if writer_gone(tmp, now):
                     if tmp.is_dir() and not tmp.is_symlink():

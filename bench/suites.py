@@ -52,9 +52,12 @@ class Suite:
         return importlib.import_module(f"suites.{self.folder.name}.generate").generate
 
     def prompt(self, question: str) -> str:
-        """The suite's own prompt (its lm-eval ``doc_to_text``), so training and evaluation agree."""
+        """The suite's own prompt (its lm-eval ``doc_to_text``, without the image placeholder: the
+        adapter places the image), so training and evaluation agree."""
+        from bench.task_hooks import without_image
+
         utils = importlib.import_module(f"suites.{self.folder.name}.utils")
-        return utils.doc_to_text({"question": question})
+        return without_image(utils.doc_to_text({"question": question}))
 
     def prepare(self, train_items: int | None = None, test_items: int | None = None, data: Path | None = None,
                 limit: int | None = None, console=None, val_items: int | None = None) -> Path:

@@ -28,6 +28,9 @@ CASES = {
     "zero budget": (["--param-budget", "0"], "--param-budget must be a whole number >= 1"),
     "margin out of range": (["--equivalence-margin", "2"], "--equivalence-margin must be a number in (0, 1)"),
     "worker without a study": (["--worker"], "--worker joins a study, but"),  # used to leave an empty study.journal
+    "unknown export": (["--export", "gguf"], "--export 'gguf' is unknown; choose merged"),
+    "export without saved adapters": (["--export", "merged", "--save-adapters", "none"], "--save-adapters none saves none"),
+    "merged export of the embedded model": (["--export", "merged"], "tiny-minicpmv is the harness's own model class"),
 }
 
 
