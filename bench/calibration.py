@@ -166,11 +166,13 @@ def regret(ev, policy: str) -> float:
 
 
 def validate(evidence: list, between: dict[tuple[str, str], float] | None = None,
-             families: dict[str, str] | None = None, axes: tuple[str, ...] = AXES) -> pd.DataFrame:
+             families: dict[str, str] | None = None, axes: tuple[str, ...] = AXES,
+             cost: dict[str, tuple[float, float]] | None = None) -> pd.DataFrame:
     """One row per (held-out unit, suite, rule): the decided policy, whether it is in the suite's confidence
     set of the best, its regret and memory. Units are single suites (``leave-one-suite-out``) and, when
     ``families`` groups several suites, whole families (``leave-one-family-out``). ``between``: symmetric
-    suite-to-suite distance, for the nearest-suite rule."""
+    suite-to-suite distance, for the nearest-suite rule. ``cost``: the policies' costs the real decision
+    uses (the user's model under ``--estimate-for``), so the held-out decisions break ties the same way."""
     located = [ev for ev in evidence if ev.distance is not None and ev.gains]
     families = families or {}
     schemes = [("leave-one-suite-out", [[ev] for ev in located])]
@@ -187,6 +189,8 @@ def validate(evidence: list, between: dict[tuple[str, str], float] | None = None
             if len(others) < 2:
                 continue
             cal = calibrate(others, axes)
+            if cost is not None:
+                cal.cost = {p: cost[p] for p in cal.cost if p in cost}
             for ev in unit:
                 at = coordinates(ev)
                 decided = {"recommender": cal.decide(at)}

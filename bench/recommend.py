@@ -429,7 +429,7 @@ def run(args) -> int:
         for a, b in itertools.combinations(suite_feats, 2):  # symmetric: one MMD^2 per pair of suites
             between[a, b] = between[b, a] = mmd2(suite_feats[a]["final"], suite_feats[b]["final"])
         families = {ev.suite: _family(ev.suite) for ev in evidence}
-        rows = validate(evidence, between, families, axes)
+        rows = validate(evidence, between, families, axes, calibration.cost if memory is not None else None)
     else:
         notes.append(f"{adapter.display_name()} has no pretraining sample and no --reference was given: the nearest "
                      "suite decides; pass --reference DIR for a calibrated decision")

@@ -269,3 +269,14 @@ def test_recommend_bad_input_is_one_line(two_suites, my_images, tmp_path, capsys
         assert message in err and "Traceback" not in err
         assert len(err.strip().splitlines()) == 1
         assert not out.exists()
+
+
+def test_held_out_decisions_use_the_costs_the_real_decision_uses():
+    """Under --estimate-for the policies' costs come from the user's model: the leave-one-out decisions,
+    which break near-ties by cost, must use the same costs, not the benchmark model's."""
+    evidence = graded_evidence(lambda p, v, t: {"frozen": 0.0, "resampler": 0.0, "resampler+vpm": 0.0}[p])
+    bench_costs = validate(evidence)
+    assert set(bench_costs[bench_costs.rule == "recommender"].decided) == {"frozen"}  # no gain: the cheapest policy
+    flipped = {"frozen": (2000.0, 10.0), "resampler": (1000.0, 10.0), "resampler+vpm": (3000.0, 10.0)}
+    user_costs = validate(evidence, cost=flipped)
+    assert set(user_costs[user_costs.rule == "recommender"].decided) == {"resampler"}
