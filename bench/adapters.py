@@ -51,32 +51,45 @@ def keep(peft_model, record: dict, out: Path, mode: str, add=None) -> Path | Non
     previous = _saved(root)
     if mode == "best" and previous and max(score for score, _ in previous) >= record["val_score"]:
         return None
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=store.temp_prefix(record["key"]), suffix=".tmp", dir=root))  # its writer in its name
-    store._in_flight.add(str(tmp))
-    try:
+
+    def fill(tmp: Path) -> None:
         peft_model.save_pretrained(tmp)
         meta = {k: record.get(k) for k in ("key", "suite", "model", "cell", "seed", "train", "val_score", "score", "metric")}
         (tmp / "run.json").write_text(json.dumps(meta, indent=1) + "\n")
-        target = root / record["key"]
         if add is not None:
-            add(tmp, target)
-        store._pause_in_write()
-        if target.exists():
-            discard(target)
-        tmp.rename(target)
-    except Exception as exc:  # a full disk is not the run's failure: stop, and the run is retried on the next start
-        reason = store.disk_full_reason(exc)
-        if reason:
-            raise store.disk_full(root, _adapter_bytes(peft_model), reason) from None
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        store._in_flight.discard(str(tmp))
+            add(tmp, root / record["key"])
+
+    # a full disk is not the run's failure: stop, and the run is retried on the next start
+    target = write_folder(root, record["key"], fill, lambda: _adapter_bytes(peft_model))
     if mode == "best":
         for _, old in previous:
             if old != target:
                 discard(old)
+    return target
+
+
+def write_folder(root: Path, name: str, fill, size) -> Path:
+    """``root/name`` as ``fill(tmp)`` writes it into a temporary folder (its writer in its name), renamed into
+    place, a folder already there replaced through :func:`discard`: a kill leaves the old folder or the new
+    one, never half of one. A full disk stops with one line naming the space ``size()`` needs."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=store.temp_prefix(name), suffix=".tmp", dir=root))
+    store._in_flight.add(str(tmp))
+    target = root / name
+    try:
+        fill(tmp)
+        store._pause_in_write()
+        if target.exists():
+            discard(target)
+        tmp.rename(target)
+    except Exception as exc:
+        reason = store.disk_full_reason(exc)
+        if reason:
+            raise store.disk_full(root, size(), reason) from None
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        store._in_flight.discard(str(tmp))
     return target
 
 

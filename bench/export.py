@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
-from bench import adapters, store
+from bench import adapters
 from bench.errors import BenchError
 
 MODES = ("merged",)
@@ -52,30 +51,17 @@ def check(model: str, trust_remote_code: bool = False) -> None:
 
 def write(adapter, saved: Path, out: Path, suite: str) -> Path:
     """The merged folder of the adapter folder ``saved`` (a finished run's), for ``adapter``'s checkpoint."""
-    root = folder(out, suite)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=store.temp_prefix(saved.name), suffix=".tmp", dir=root))
-    store._in_flight.add(str(tmp))
-    model = None
-    try:
-        model = merged_model(adapter, saved)
-        model.save_pretrained(tmp)
+    made = []  # the merged model, once built: its size is what a full disk must make room for
+
+    def fill(tmp: Path) -> None:
+        made.append(merged_model(adapter, saved))
+        made[0].save_pretrained(tmp)
         copy_processor(adapter.source, tmp)
         keep_resolution(adapter, tmp)
-        target = root / saved.name
-        store._pause_in_write()
-        if target.exists():
-            adapters.discard(target)
-        tmp.rename(target)
-    except Exception as exc:  # a full disk is not the run's failure, as for the adapter folder
-        reason = store.disk_full_reason(exc)
-        if reason:
-            size = sum(p.numel() * p.element_size() for p in model.parameters()) if model is not None else None
-            raise store.disk_full(root, size, reason) from None
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        store._in_flight.discard(str(tmp))
+
+    # a full disk is not the run's failure, as for the adapter folder
+    target = adapters.write_folder(folder(out, suite), saved.name, fill,
+                                   lambda: sum(p.numel() * p.element_size() for p in made[0].parameters()) if made else None)
     prune(out, suite)
     return target
 

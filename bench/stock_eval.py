@@ -15,10 +15,11 @@ model or MiniCPM-V's shipped code. ``PYTHONPATH`` names this checkout, whose ``b
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import sys
 from pathlib import Path
+
+from bench import store
 
 SCRIPT = "lm_eval.sh"
 
@@ -83,7 +84,5 @@ def write_script(folder: Path, vlm, adapter: Path, suite, data_dir: Path, max_ge
     ])
     path = Path(folder) / SCRIPT
     path.write_text(text)
-    mask = os.umask(0)
-    os.umask(mask)
-    path.chmod(0o777 & ~mask)
+    path.chmod(0o777 & ~store._umask())
     return path
